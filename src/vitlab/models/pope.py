@@ -1,0 +1,109 @@
+"""PoPE: polar-coordinate positional embedding (Gopalakrishnan et al., 2025), in 2D and 3D."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .positions import pad_prefix
+from .qk_base import QK_PES, QKPE, coords_dot
+
+
+_LOG2E, _LN2 = 1.4426950408889634, 0.6931471805599453
+
+
+def softplus_fwd(x: torch.Tensor) -> torch.Tensor:
+    """softplus(x) = max(x, 0) + log(1 + exp(-|x|)) through exp2/log2, no autograd.
+
+    Written out because this is PoPE's hot path and the CPU ``softplus``/``log1p`` kernels of the
+    pinned torch build are ~10x slower than ``exp2``/``log2`` (BENCHMARKS.md). Absolute error
+    <= 1e-6 against ``F.softplus`` (tested)."""
+    t = x.abs().mul_(-_LOG2E).exp2_().add_(1.0).log2_().mul_(_LN2)
+    return t.add_(x.clamp_min(0.0))
+
+
+class PolarProject(torch.autograd.Function):
+    """out = [softplus(x) * cos, softplus(x) * sin], (..., d) -> (..., 2d), in one pass each way.
+
+    A hand-written backward (d softplus = sigmoid) replaces autograd's chain of a dozen elementwise
+    kernels; ``cos``/``sin`` may broadcast against x and receive reduced gradients (PoPE's key
+    tables carry the learned phase bias)."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        d = x.shape[-1]
+        m = softplus_fwd(x)
+        out = x.new_empty(torch.broadcast_shapes(x.shape, cos.shape)[:-1] + (2 * d,))
+        torch.mul(m, cos, out=out[..., :d])
+        torch.mul(m, sin, out=out[..., d:])
+        ctx.save_for_backward(x, m, cos, sin)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, m, cos, sin = ctx.saved_tensors
+        d = x.shape[-1]
+        g1, g2 = grad[..., :d], grad[..., d:]
+        gx = gcos = gsin = None
+        if ctx.needs_input_grad[0]:
+            gx = torch.addcmul(g1 * cos, g2, sin).mul_(torch.sigmoid(x))
+        if ctx.needs_input_grad[1]:
+            gcos = (g1 * m).sum_to_size(cos.shape)
+        if ctx.needs_input_grad[2]:
+            gsin = (g2 * m).sum_to_size(sin.shape)
+        return gx, gcos, gsin
+
+
+@QK_PES.register("pope", "PoPE: softplus magnitudes, position-only phases, learned key phase bias; q/k twice as wide")
+class PoPE(QKPE):
+    """Polar positional embedding.
+
+    Channel c of a head becomes a magnitude m = softplus(q_c) and a phase phi_c = p * theta_c
+    that depends on position only; query -> (m cos phi, m sin phi), key ->
+    (m cos(phi + delta), m sin(phi + delta)), so the score is
+
+        sum_c m_q m_k cos((p_q - p_k) theta_c - delta_c)
+
+    (content in the magnitude, position in the angle). The d channels split evenly between the
+    axes; within an axis of n channels, theta_i = base^(-i/n) — the paper's 1D rule
+    base^(-c/d) with d frequencies, not d/2 as in RoPE, applied per axis as ``rope_axial`` does.
+    delta is learned per head and channel, initialised at 0 and clamped to [-2 pi, 0].
+    Prefix tokens get phase 0 and no bias (magnitudes only).
+
+    q and k come out 2d wide: the attention module passes the softmax scale 1/sqrt(d) of the
+    original d explicitly. Options: ``base`` (default 100, the same base as ``rope_axial``).
+    """
+
+    width_factor = 2
+
+    def __init__(self, *, head_dim, num_heads, ndim, layer=0, depth=1, base: float = 100.0):
+        super().__init__(head_dim=head_dim, num_heads=num_heads, ndim=ndim, layer=layer, depth=depth)
+        if head_dim % ndim:
+            raise ValueError(f"pope needs head_dim divisible by {ndim} in {ndim}D, got {head_dim}")
+        self.base = float(base)
+        n = head_dim // ndim
+        freqs = torch.zeros(ndim, head_dim)
+        for axis in range(ndim):
+            freqs[axis, axis * n:(axis + 1) * n] = float(base) ** (-torch.arange(n, dtype=torch.float64) / n)
+        self.register_buffer("freqs", freqs, persistent=False)  # (ndim, d)
+        self.delta = nn.Parameter(torch.zeros(num_heads, 1, head_dim))  # (H, 1, d) phase bias
+
+    def phases(self, grid):
+        key = ("pope", self.head_dim, self.base)
+        if key not in grid.cache:
+            grid.cache[key] = coords_dot(grid.coords, self.freqs)  # (N_patch, d), float32
+        return grid.cache[key]
+
+    def forward(self, q, k, grid):
+        dtype = q.dtype
+        phi = self.phases(grid)
+        # Clamped to [-2 pi, 0] in value but not in gradient: delta starts at the bound 0, where a
+        # plain clamp would pass no gradient and the bias could never learn.
+        delta = self.delta.float()
+        delta = delta + (delta.clamp(-2 * math.pi, 0.0) - delta).detach()  # (H, 1, d)
+        phi_q = pad_prefix(phi, grid.num_prefix)  # (N, d)
+        phi_k = pad_prefix(phi + delta, grid.num_prefix)  # (H, N, d)
+        q = PolarProject.apply(q.float(), phi_q.cos(), phi_q.sin())  # (B, H, N, 2d)
+        k = PolarProject.apply(k.float(), phi_k.cos(), phi_k.sin())
+        return q.to(dtype), k.to(dtype)

@@ -1,0 +1,115 @@
+"""The q/k positional-encoding interface and the rotation math shared by RoPE-family PEs.
+
+A q/k PE transforms queries and keys inside attention::
+
+    q, k = pe(q, k, grid)      # q, k: (B, H, N, d) -> (B, H, N, d') with N = prefix + patches
+
+Prefix tokens are never rotated: every table is built for patch tokens and padded with
+identity rows by :func:`vitlab.models.positions.pad_prefix`.
+
+A PE may also own a *position-independent* linear map of q and k (STRING's orthogonal basis P,
+``q -> RoPE(x) P q``). It exposes it through :meth:`QKPE.basis`, and the attention module folds
+it into the q/k projection weights once per forward instead of multiplying every token by P.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import nn
+
+from ..registry import Registry
+from .positions import Grid, pad_prefix
+
+QK_PES: Registry[type] = Registry("q/k PE", fixed=("head_dim", "num_heads", "ndim", "layer", "depth"))
+
+
+class QKPE(nn.Module):
+    """Base class. Subclasses take ``(head_dim, num_heads, ndim, layer, depth, **options)``."""
+
+    #: the kernel receives q/k of this width per head, as a multiple of head_dim
+    width_factor: int = 1
+
+    def __init__(self, *, head_dim: int, num_heads: int, ndim: int, layer: int = 0, depth: int = 1):
+        super().__init__()
+        self.head_dim, self.num_heads, self.ndim = head_dim, num_heads, ndim
+        self.layer, self.depth = layer, depth
+
+    def basis(self) -> Optional[torch.Tensor]:
+        """A position-independent (H, d, d) map applied to q and k before :meth:`forward`, or None."""
+        return None
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, grid: Grid) -> Tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+
+@QK_PES.register("none", "no q/k positional encoding (identity)")
+class NoQKPE(QKPE):
+    def forward(self, q, k, grid):
+        return q, k
+
+
+# ----------------------------------------------------------------------------------------------
+# Rotation math (pure functions, float32).
+#
+# Layout: "half" pairing, pair j = channels (j, j + d/2). The sign of the rotation is folded into
+# the sine table so a rotation is x * cos2 + swap_halves(x) * sin2: one copy, two multiplies and
+# an add, real arithmetic only (complex tensors slow torch.compile and SDPA-friendly layouts).
+
+
+def coords_dot(coords: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """Angles (..., N, J) = coords (N, ndim) . freqs (..., ndim, J), in float32.
+
+    Written as a broadcast multiply-sum, not a matmul, so autocast never runs it in bf16
+    (angles like 13 * 1.0 lose whole radians in bf16)."""
+    return (coords.float().unsqueeze(-1) * freqs.float().unsqueeze(-3)).sum(-2)
+
+
+def rope_tables(angles: torch.Tensor, num_prefix: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables from per-pair angles.
+
+    Args:
+        angles: (..., N_patch, d/2) rotation angles in radians, float32.
+        num_prefix: prefix tokens to prepend with angle 0 (no rotation).
+    Returns:
+        (cos2, sin2), each (..., N, d): cos2 = [cos, cos], sin2 = [-sin, sin].
+    """
+    angles = pad_prefix(angles.float(), num_prefix)
+    cos, sin = angles.cos(), angles.sin()
+    return torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)
+
+
+def rope_rotate(x: torch.Tensor, cos2: torch.Tensor, sin2: torch.Tensor) -> torch.Tensor:
+    """Rotate channel pairs (j, j + d/2) of x (..., N, d) by the tables of :func:`rope_tables`."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    swapped = torch.cat([x2, x1], dim=-1)
+    return (x.float() * cos2 + swapped * sin2).to(x.dtype)
+
+
+def axis_pair_split(num_pairs: int, ndim: int, axis_pairs: Optional[Tuple[int, ...]] = None) -> Tuple[int, ...]:
+    """How many rotation pairs each axis gets (default: an equal split; validated)."""
+    if axis_pairs is None:
+        if num_pairs % ndim:
+            raise ValueError(f"head_dim/2 = {num_pairs} rotation pairs do not split evenly over {ndim} axes; "
+                             f"use a head_dim divisible by {2 * ndim}, or set axis_pairs")
+        return (num_pairs // ndim,) * ndim
+    axis_pairs = tuple(int(a) for a in axis_pairs)
+    if len(axis_pairs) != ndim or sum(axis_pairs) != num_pairs or min(axis_pairs) < 1:
+        raise ValueError(f"axis_pairs={axis_pairs} must give {ndim} positive counts summing to "
+                         f"head_dim/2 = {num_pairs}")
+    return axis_pairs
+
+
+def axial_frequencies(head_dim: int, ndim: int, theta: float,
+                      axis_pairs: Optional[Tuple[int, ...]] = None) -> torch.Tensor:
+    """(ndim, d/2) frequency matrix of axial RoPE: axis a owns a contiguous block of pairs with
+    frequencies w_i = theta^(-i/n_a), i < n_a (DESIGN section 3, ``rope_axial``)."""
+    if head_dim % 2:
+        raise ValueError(f"RoPE needs an even head_dim, got {head_dim}")
+    split = axis_pair_split(head_dim // 2, ndim, axis_pairs)
+    freqs = torch.zeros(ndim, head_dim // 2)
+    start = 0
+    for axis, n in enumerate(split):
+        freqs[axis, start:start + n] = theta ** (-torch.arange(n, dtype=torch.float64) / n)
+        start += n
+    return freqs

@@ -1,0 +1,63 @@
+"""Name -> factory registries. An unknown name is a ValueError that lists the valid names."""
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable, Optional, Dict, Generic, Iterator, TypeVar
+
+T = TypeVar("T")
+
+
+class Registry(Generic[T]):
+    """A small ordered mapping from public names to factories, with a one-line description each."""
+
+    def __init__(self, kind: str, fixed: tuple = ()):
+        """``fixed``: constructor arguments the model always supplies (not user options)."""
+        self.kind = kind
+        self.fixed = tuple(fixed)
+        self._items: Dict[str, T] = {}
+        self._docs: Dict[str, str] = {}
+
+    def register(self, name: str, doc: str = "") -> Callable[[T], T]:
+        def deco(obj: T) -> T:
+            if name in self._items:
+                raise KeyError(f"{self.kind} {name!r} is registered twice")
+            self._items[name] = obj
+            lines = (getattr(obj, "__doc__", None) or "").strip().splitlines()
+            self._docs[name] = doc or (lines[0] if lines else "")
+            return obj
+        return deco
+
+    def get(self, name: str) -> T:
+        if name not in self._items:
+            raise ValueError(f"unknown {self.kind} {name!r}; valid: {', '.join(self._items)}")
+        return self._items[name]
+
+    def build(self, name: str, options: Optional[dict] = None, **fixed: Any):
+        """Instantiate ``name`` with the ``fixed`` arguments the caller always passes plus user
+        ``options``; an option the entry does not take is an error, never silently dropped."""
+        factory = self.get(name)
+        params = inspect.signature(factory).parameters
+        accepted = list(self.options(name))
+        unknown = sorted(set(options or {}) - set(accepted))
+        if unknown:
+            raise ValueError(f"{self.kind} {name!r} does not take option(s) {unknown}; "
+                             f"valid: {accepted or 'none'}")
+        return factory(**fixed, **(options or {}))
+
+    def options(self, name: str) -> dict:
+        """The user options of ``name`` with their defaults (for ``vitlab list``)."""
+        params = inspect.signature(self.get(name)).parameters
+        return {p: v.default for p, v in params.items()
+                if v.kind == inspect.Parameter.KEYWORD_ONLY and p not in self.fixed}
+
+    def doc(self, name: str) -> str:
+        return self._docs[name]
+
+    def names(self) -> list[str]:
+        return list(self._items)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._items
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._items)

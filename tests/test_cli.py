@@ -1,0 +1,56 @@
+"""The command line: list, bench, and one-line errors."""
+import json
+
+import pytest
+
+from vitlab.bench import parse_variant, run_bench
+from vitlab.cli import main
+
+
+def test_list_json_names_the_whole_catalogue(capsys):
+    assert main(["list", "--json"]) == 0
+    cat = json.loads(capsys.readouterr().out)
+    assert set(cat["qk_pe"]) == {"none", "rope_axial", "rope_mixed", "pope", "string_cayley", "string_reflection"}
+    assert set(cat["token_pe"]) == {"none", "learned", "sincos", "learned3d"}
+    assert set(cat["attn"]) == {"standard", "eager", "differential", "differential_entropy", "suppression", "diffsim"}
+    assert {"tiny", "small", "string-cifar", "minivit", "volume"} <= set(cat["sizes"])
+    assert cat["qk_pe"]["string_cayley"]["options"]["sparsity"] == 1.0
+
+
+def test_list_text(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert "rope_mixed" in out and "differential_entropy" in out and "Size presets" in out
+
+
+def test_parse_variant():
+    v = parse_variant("string_cayley:sparsity=0.5+learned+differential")
+    assert v.kwargs == {"qk_pe": "string_cayley", "qk_pe_kwargs": {"sparsity": 0.5}, "token_pe": "learned",
+                        "token_pe_kwargs": {}, "attn": "differential", "attn_kwargs": {}}
+    assert parse_variant("timm").timm
+    with pytest.raises(ValueError, match="unknown name 'ropex'.*rope_axial"):
+        parse_variant("ropex")
+
+
+def test_bench_smoke():
+    res = run_bench(shape="string-mnist", variants=["none", "rope_axial", "string_cayley", "timm"],
+                    batch=4, steps=2, warmup=0)
+    rows = {r["variant"]: r for r in res["rows"]}
+    assert set(rows) == {"none", "rope_axial", "string_cayley", "string_cayley (folded)", "timm"}
+    assert rows["none"]["train_vs_none"] == 1.0 and rows["timm"]["train_vs_timm"] == 1.0
+    assert all(r["infer_ms"] > 0 for r in rows.values())
+    assert 0 < rows["none"]["mfu"] and rows["none"]["gflops_step"] > 0
+    assert res["matmul_peak_gflops"] > 0
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["bench", "--variants", "none,bogus"], ["unknown name 'bogus'"]),
+    (["bench", "--shape", "huge"], ["unknown shape 'huge'", "string-cifar"]),
+    (["bench", "--batch", "0", "--variants", "none"], ["batch must be >= 1"]),
+])
+def test_cli_errors_are_one_line(argv, words, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("vitlab: error: ") and err.count("\n") == 1
+    for w in words:
+        assert w in err
