@@ -145,3 +145,9 @@ def test_eager_check_and_shape_logging(caplog):
     with caplog.at_level("INFO", logger="vitlab.attention"):
         m(torch.randn(2, 3, 16, 12))
     assert "Q (2, 4, 13, 12)" in caplog.text and "A (2, 4, 13, 13)" in caplog.text
+
+
+def test_single_token_differential_entropy_is_finite():
+    m = vitlab.create_model(img_size=4, patch_size=4, dim=32, depth=1, heads=2, num_cls=0, pool="mean",
+                            attn="differential_entropy").eval()
+    assert torch.isfinite(m(torch.randn(1, 3, 4, 4))).all()

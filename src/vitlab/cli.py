@@ -71,6 +71,64 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def _default_out(cfg_source: str | None, cfg) -> "Path":
+    from pathlib import Path
+    stem = Path(cfg_source).stem if cfg_source else "run"
+    qk = cfg.model.get("qk_pe", "")
+    tag = "-".join(filter(None, [stem, str(cfg.model.get("name", "vit")).replace(":", "_"), qk, f"s{cfg.train.seed}"]))
+    return Path("runs") / tag
+
+
+def cmd_train(args) -> int:
+    from pathlib import Path
+
+    from .config import load_config, read_yaml, validate
+    from .train import train_run
+
+    if args.resume:
+        run_dir = Path(args.resume)
+        if not (run_dir / "config.yaml").is_file():
+            raise FileNotFoundError(f"--resume {run_dir}: no config.yaml there (not a vitlab run directory)")
+        if not (run_dir / "checkpoints" / "last.pt").is_file():
+            raise FileNotFoundError(f"--resume {run_dir}: no checkpoints/last.pt to resume from")
+        cfg = validate(read_yaml(str(run_dir / "config.yaml")))
+        final = train_run(cfg, run_dir, resume=True, progress=not args.quiet)
+    else:
+        if args.config is None:
+            raise ValueError("give a preset or YAML file (see `vitlab train --help`), or --resume RUN_DIR")
+        cfg = load_config(args.config, args.overrides)
+        out = Path(args.out) if args.out else _default_out(args.config, cfg)
+        if (out / "final.json").exists() and not args.force:
+            raise ValueError(f"{out} already holds a finished run; use --out elsewhere, --force, or --resume")
+        final = train_run(cfg, out, progress=not args.quiet)
+        run_dir = out
+    print(f"{run_dir}: test acc1 {final['acc1']:.4f}  acc5 {final['acc5']:.4f}  loss {final['loss']:.4f}  "
+          f"auroc {final['auroc_macro'] if final['auroc_macro'] is None else round(final['auroc_macro'], 4)}  "
+          f"{final['epochs']} epochs in {final['seconds']:.0f}s ({final['status']})")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .train.evaluate import eval_run
+
+    result = eval_run(args.run_dir, args.overrides, checkpoint=args.checkpoint)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"{args.run_dir}: acc1 {result['acc1']:.4f}  acc5 {result['acc5']:.4f}  loss {result['loss']:.4f}  "
+              f"(img_size {result['img_size']}, {result['test_size']} images)")
+    return 0
+
+
+def cmd_validate(args) -> int:
+    from .config import dump_yaml, load_config
+
+    cfg = load_config(args.config, args.overrides)
+    print(dump_yaml(cfg), end="")
+    print(f"# {args.config}: valid", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vitlab", description="A laboratory for Vision Transformers: "
                                 "compare positional encodings and attention mechanisms fairly.")
@@ -95,6 +153,27 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     s.set_defaults(func=cmd_bench)
+
+    s = sub.add_parser("train", help="train one run: vitlab train PRESET_OR_YAML [section.key=value ...]")
+    s.add_argument("config", nargs="?", help="a preset name from configs/ or a YAML file")
+    s.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=3e-4 model.qk_pe=rope_mixed")
+    s.add_argument("--out", help="run directory (default runs/<preset>-<qk_pe>-s<seed>)")
+    s.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
+    s.add_argument("--force", action="store_true", help="overwrite a finished run in --out")
+    s.add_argument("--quiet", action="store_true", help="no progress output")
+    s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("eval", help="re-evaluate a run's checkpoint, e.g. at another image size: vitlab eval RUN_DIR model.img_size=40")
+    s.add_argument("run_dir")
+    s.add_argument("overrides", nargs="*", help="data.* keys (another split/source) and model.img_size")
+    s.add_argument("--checkpoint", default="best", choices=["best", "last"])
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("validate", help="check a preset or YAML (+ overrides) and print the resolved config")
+    s.add_argument("config")
+    s.add_argument("overrides", nargs="*")
+    s.set_defaults(func=cmd_validate)
     return p
 
 

@@ -35,7 +35,11 @@ class Kernel(nn.Module):
         self.attn_drop = float(attn_drop)
 
     def scores(self, q, k, scale: float, grid: Grid) -> torch.Tensor:
-        return (q @ k.transpose(-2, -1)) * scale  # (B, H, N, N)
+        b, h, n, d = q.shape
+        # one batched GEMM with the scale fused in (alpha), instead of a matmul and a multiply
+        s = torch.baddbmm(q.new_empty(()).expand(b * h, n, k.shape[2]), q.reshape(b * h, n, d),
+                          k.reshape(b * h, -1, d).transpose(1, 2), beta=0.0, alpha=scale)
+        return s.view(b, h, n, -1)  # (B, H, N, N)
 
     def probs(self, q, k, scale: float, grid: Grid) -> torch.Tensor:
         return self.scores(q, k, scale, grid).softmax(dim=-1)
@@ -55,6 +59,8 @@ def sdpa(q, k, v, scale: float, dropout: float, training: bool) -> torch.Tensor:
 @KERNELS.register("standard", "softmax attention through torch's scaled_dot_product_attention (fused kernels)")
 class Standard(Kernel):
     def forward(self, q, k, v, scale, grid):
+        if q.shape[-1] != v.shape[-1]:
+            return self.eager(q, k, v, scale, grid)
         return sdpa(q, k, v, scale, self.attn_drop, self.training)
 
 
@@ -153,7 +159,7 @@ class DifferentialEntropy(Differential):
 
     def combine(self, a1, a2):
         entropy = -(a2 * torch.log(a2.clamp_min(1e-12))).sum(-1, keepdim=True)  # (B, H/2, N, 1)
-        h = entropy / math.log(a2.shape[-1])
+        h = entropy / math.log(a2.shape[-1]) if a2.shape[-1] > 1 else torch.zeros_like(entropy)  # one key: no spread
         return a1 - 2 * h * self.lam().to(a1.dtype) * a2
 
     def forward(self, q, k, v, scale, grid):

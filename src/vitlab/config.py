@@ -1,0 +1,192 @@
+"""Run configuration: typed, frozen sections ``data``, ``model``, ``train``.
+
+A run is described by a YAML file (or a preset name from ``configs/``) plus ``key=value``
+overrides with dotted keys (``train.lr=3e-4``, ``model.qk_pe=rope_mixed``,
+``model.qk_pe_kwargs.sparsity=0.5``). Unknown keys and wrong types are rejected with one line that
+names the key and the valid ones. The resolved config is written into every run directory.
+"""
+from __future__ import annotations
+
+import copy
+from importlib import resources
+from pathlib import Path
+from typing import Any, Dict, List, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .models import SIZES, ModelConfig, make_config
+
+PRESET_DIR = Path(str(resources.files("vitlab") / "configs"))
+
+
+class DataSection(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = "fashion-mnist"
+    root: Optional[str] = None
+    limit: Optional[int] = Field(None, ge=1, description="use at most N training images, stratified")
+    val_fraction: float = Field(0.1, gt=0, lt=1)
+    split_seed: int = Field(0, description="seed of the stratified split: the same for every arm and seed of a comparison")
+    options: Dict[str, Any] = Field(default_factory=dict, description="source-specific options")
+    # batched, on-device augmentation
+    hflip: bool = False
+    crop_pad: int = Field(0, ge=0, description="pad-and-random-crop by up to this many pixels")
+    mixup: float = Field(0.0, ge=0, description="MixUp alpha (0 = off)")
+    cutmix: float = Field(0.0, ge=0, description="CutMix alpha (0 = off)")
+    mix_prob: float = Field(1.0, ge=0, le=1)
+    random_erasing: float = Field(0.0, ge=0, le=1, description="RandomErasing probability")
+    repeated_aug: int = Field(1, ge=1, description="each image appears this many times per epoch, differently augmented")
+
+
+class TrainSection(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(128, ge=1)
+    eval_batch_size: int = Field(512, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    min_lr: float = Field(1e-5, ge=0)
+    weight_decay: float = Field(0.05, ge=0)
+    warmup_epochs: float = Field(1.0, ge=0)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    class_weighted: bool = False
+    clip_grad: Optional[float] = Field(1.0, gt=0)
+    accum_steps: int = Field(1, ge=1)
+    seed: int = 0
+    time_limit_min: Optional[float] = Field(None, gt=0)
+    precision: Literal["fp32", "bf16"] = "fp32"
+    compile: bool = False
+    ema: Optional[float] = Field(None, gt=0, lt=1, description="EMA decay of the weights (None = off)")
+    early_stop_patience: Optional[int] = Field(None, ge=1)
+    device: str = "auto"
+    threads: int = Field(0, ge=0, description="torch CPU threads (0 = torch's default)")
+
+
+MODEL_EXTRA = ("name", "size", "pretrained")
+
+
+class RunConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    data: DataSection = Field(default_factory=DataSection)
+    model: Dict[str, Any] = Field(default_factory=dict)
+    train: TrainSection = Field(default_factory=TrainSection)
+
+    def model_cfg(self, **derived) -> ModelConfig:
+        """The vit model config: preset ``size``, the data-derived values (``derived``), then the
+        explicit model keys."""
+        keys = {k: v for k, v in self.model.items() if k not in MODEL_EXTRA}
+        return make_config(self.model.get("size"), **{**derived, **keys})
+
+    def to_dict(self) -> dict:
+        return self.model_dump(mode="json")
+
+
+def _one_line(err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            section = e["loc"][0] if len(e["loc"]) > 1 else None
+            valid = (RunConfig.model_fields[section].annotation.model_fields if section else RunConfig.model_fields)
+            parts.append(f"unknown key {loc!r}; valid: {', '.join((f'{section}.' if section else '') + k for k in valid)}")
+        else:
+            parts.append(f"{loc}: {e['msg'].removeprefix('Value error, ')} (got {e.get('input')!r})")
+    return "; ".join(parts)
+
+
+def parse_overrides(items: List[str]) -> Dict[str, Any]:
+    """``["train.lr=3e-4", "model.qk_pe=pope"]`` -> nested dict; values parsed as YAML scalars/lists."""
+    out: Dict[str, Any] = {}
+    for item in items:
+        key, eq, raw = item.partition("=")
+        if not eq or not key or "." not in key:
+            raise ValueError(f"override {item!r} is not section.key=value (e.g. train.lr=3e-4)")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError:
+            value = raw
+        if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        node = out
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {item!r} conflicts with another override of {p!r}")
+        node[parts[-1]] = value
+    return out
+
+
+def deep_merge(base: dict, extra: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def presets() -> List[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def read_yaml(source: str) -> dict:
+    """A preset name (``fashion-mnist``, ``fashion-mnist-quick``) or a path to a YAML file."""
+    path = Path(source)
+    if not path.suffix and not path.exists():
+        path = PRESET_DIR / f"{source}.yaml"
+        if not path.exists():
+            raise ValueError(f"unknown preset {source!r}; valid: {', '.join(presets())} (or a path to a .yaml file)")
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {source}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping with data/model/train sections, got {type(data).__name__}")
+    base = data.pop("base", None)
+    if base:  # a preset may extend another: `base: fashion-mnist`
+        data = deep_merge(read_yaml(base), data)
+    return data
+
+
+def load_config(source: Optional[str] = None, overrides: Optional[List[str]] = None) -> RunConfig:
+    """Resolve a preset or YAML plus overrides into a validated :class:`RunConfig`."""
+    raw = read_yaml(source) if source else {}
+    raw = deep_merge(raw, parse_overrides(overrides or []))
+    return validate(raw)
+
+
+def validate(raw: dict) -> RunConfig:
+    try:
+        cfg = RunConfig(**raw)
+    except ValidationError as err:
+        raise ValueError(f"invalid config: {_one_line(err)}") from None
+    name = cfg.model.get("name", "vit")
+    if name == "vit":
+        unknown = sorted(set(cfg.model) - set(ModelConfig.model_fields) - set(MODEL_EXTRA))
+        if unknown:
+            raise ValueError(f"unknown key(s) {['model.' + k for k in unknown]}; valid: "
+                             f"{', '.join('model.' + k for k in (*MODEL_EXTRA, *ModelConfig.model_fields))}")
+        # image size, channels and classes come from the data when not given: check the rest now,
+        # with a stand-in image size that any patch size divides
+        preset = SIZES.get(cfg.model.get("size"), {})
+        derived = {"in_chans": 3, "num_classes": 10}
+        if "img_size" not in cfg.model and "img_size" not in preset:
+            patch = cfg.model.get("patch_size", preset.get("patch_size", 16))
+            derived["img_size"] = tuple(4 * p for p in patch) if isinstance(patch, (list, tuple)) else 4 * patch
+        cfg.model_cfg(**derived)
+    elif not str(name).startswith("timm:"):
+        raise ValueError(f"model.name={name!r}; valid: 'vit' or 'timm:<model name>' (e.g. timm:resnet18)")
+    return cfg
+
+
+def dump_yaml(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -1,0 +1,4 @@
+"""Training: recipe, batched augmentation, the loop, run directories."""
+from .loop import train_run
+
+__all__ = ["train_run"]

@@ -1,0 +1,65 @@
+"""Model and optimiser parameter groups for a run."""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+from torch import nn
+
+from ..config import RunConfig
+from ..models import VisionTransformer
+
+
+def build_model(cfg: RunConfig, *, in_chans: int, num_classes: int, img_size: Tuple[int, ...]) -> Tuple[nn.Module, dict]:
+    """The run's model; image size, channels and classes default to the data's.
+
+    ``model.name`` is ``vit`` (the vitlab backbone) or ``timm:<name>`` (any timm model, with
+    ``model.pretrained`` a local weights file, or ``true`` for the hub when online)."""
+    name = cfg.model.get("name", "vit")
+    given = cfg.model.get("num_classes")
+    if given is not None and given != num_classes:
+        raise ValueError(f"model.num_classes={given} but the data has {num_classes} classes")
+    if name == "vit":
+        mcfg = cfg.model_cfg(**{"img_size": img_size, "in_chans": in_chans, "num_classes": num_classes})
+        return VisionTransformer(mcfg), mcfg.model_dump(mode="json")
+    return build_timm(name.removeprefix("timm:"), cfg, in_chans, num_classes, img_size)
+
+
+def build_timm(name: str, cfg: RunConfig, in_chans: int, num_classes: int, img_size) -> Tuple[nn.Module, dict]:
+    import timm
+
+    if not timm.is_model(name):
+        raise ValueError(f"unknown timm model {name!r}; see timm.list_models() (e.g. resnet18, deit_small_patch16_224)")
+    kwargs = {k: v for k, v in cfg.model.items() if k not in ("name", "pretrained", "size", "num_classes")}
+    pretrained = cfg.model.get("pretrained") or False
+    extra = {}
+    if isinstance(pretrained, str):
+        from pathlib import Path
+        if not Path(pretrained).is_file():
+            raise FileNotFoundError(f"model.pretrained weights file not found: {pretrained}")
+        extra["pretrained_cfg_overlay"] = {"file": pretrained}
+        pretrained = True
+    if "vit" in name or "deit" in name:
+        kwargs.setdefault("img_size", img_size[0] if len(set(img_size)) == 1 else img_size)
+    try:
+        model = timm.create_model(name, pretrained=bool(pretrained), num_classes=num_classes, in_chans=in_chans,
+                                  **kwargs, **extra)
+    except TypeError as err:
+        raise ValueError(f"timm model {name!r} does not take {sorted(kwargs)}: {err}") from None
+    except (OSError, RuntimeError) as err:  # hub unreachable offline, bad weights file
+        raise RuntimeError(f"could not load pretrained weights for timm:{name} ({' '.join(str(err).split())[:200]}); "
+                           f"offline, pass model.pretrained=/path/to/weights") from None
+    return model, {"name": f"timm:{name}", "pretrained": cfg.model.get("pretrained"), "img_size": list(img_size),
+                   "in_chans": in_chans, "num_classes": num_classes, **kwargs}
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list:
+    """AdamW groups: no weight decay on norms, biases (ndim <= 1), and what the model names in
+    ``no_weight_decay()`` (prefix tokens, PE tables, RoPE frequencies, STRING bases)."""
+    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 or name in skip or any(name.startswith(s + ".") for s in skip) else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]

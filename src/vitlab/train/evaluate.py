@@ -1,0 +1,61 @@
+"""``vitlab eval``: re-evaluate a finished run's checkpoint on another split or image size."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+
+from .. import rundir
+from ..config import deep_merge, parse_overrides, read_yaml, validate
+from ..eval.metrics import classification_metrics
+from .augment import BatchAugment
+from .build import build_model
+
+
+def eval_run(run_dir: str, overrides: Optional[List[str]] = None, *, checkpoint: str = "best",
+             img_size=None, device: str = "cpu") -> dict:
+    """Metrics of ``run_dir``'s checkpoint. ``overrides`` may change ``data.*`` (another source or
+    split) and ``model.img_size`` (evaluate at another resolution: inputs are resized, the model
+    reads the new grid — relative PEs use new coordinates, learned tables are resized)."""
+    from ..data import load_dataset, make_splits
+
+    run = Path(run_dir)
+    if not (run / "config.yaml").is_file():
+        raise FileNotFoundError(f"{run}: no config.yaml (not a vitlab run directory)")
+    raw = read_yaml(str(run / "config.yaml"))
+    extra = parse_overrides(overrides or [])
+    bad = sorted(set(extra) - {"data", "model"}) + sorted(set(extra.get("model", {})) - {"img_size"})
+    if bad:
+        raise ValueError(f"vitlab eval can override data.* and model.img_size only; got {bad}")
+    new_size = extra.get("model", {}).pop("img_size", img_size)
+    extra.pop("model", None)
+    cfg = validate(deep_merge(raw, extra))
+    state = rundir.load_checkpoint(run / "checkpoints" / f"{checkpoint}.pt")
+
+    d = cfg.data
+    bundle = load_dataset(d.name, d.root, limit=d.limit, seed=d.split_seed, **d.options)
+    split = make_splits(bundle, val_fraction=d.val_fraction, seed=d.split_seed)
+    test = bundle.test if split["test"] is None else bundle.train.subset(split["test"])
+    num_classes = len(bundle.train.classes)
+    data_size = tuple(test.images.shape[2:])
+    trained = read_yaml(str(run / "config.yaml")).get("model", {})
+    model, mcfg = build_model(cfg, in_chans=test.images.shape[1], num_classes=num_classes,
+                              img_size=tuple(trained["img_size"]) if "img_size" in trained else data_size)
+    model.load_state_dict(state["ema"] if state.get("ema") is not None else state["model"])
+    dev = torch.device(device)
+    model.to(dev).eval()
+    size = mcfg.get("img_size") or data_size
+    if new_size is not None:
+        size = (new_size,) * len(data_size) if isinstance(new_size, int) else tuple(new_size)
+    size = tuple(size)
+    norm = state.get("norm") or {"mean": [0.5] * test.images.shape[1], "std": [0.5] * test.images.shape[1]}
+    aug = BatchAugment(mean=torch.tensor(norm["mean"]), std=torch.tensor(norm["std"]), num_classes=num_classes,
+                       img_size=size if size != data_size else None, device=dev)
+    logits = []
+    with torch.no_grad():
+        for i in range(0, test.images.shape[0], cfg.train.eval_batch_size):
+            logits.append(model(aug.normalize(test.images[i:i + cfg.train.eval_batch_size].to(dev))).float().cpu())
+    metrics = classification_metrics(torch.cat(logits), test.labels, num_classes)
+    metrics.update(img_size=list(size), test_size=int(test.images.shape[0]), checkpoint=checkpoint)
+    return metrics

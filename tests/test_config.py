@@ -1,0 +1,61 @@
+"""Run configs: presets validate, overrides parse, bad keys and types are rejected in one line."""
+import pytest
+
+from vitlab.config import load_config, parse_overrides, presets, validate
+
+
+def test_every_shipped_preset_validates():
+    names = presets()
+    assert {"fashion-mnist", "fashion-mnist-quick"} <= set(names)
+    for name in names:
+        cfg = load_config(name)
+        assert cfg.train.epochs >= 1
+
+
+def test_overrides_nest_and_parse_types():
+    raw = parse_overrides(["train.lr=3e-4", "model.qk_pe=rope_mixed", "model.qk_pe_kwargs.sparsity=0.5",
+                           "data.hflip=true", "model.img_size=[32, 32]"])
+    assert raw == {"train": {"lr": 3e-4}, "model": {"qk_pe": "rope_mixed", "qk_pe_kwargs": {"sparsity": 0.5},
+                                                    "img_size": [32, 32]}, "data": {"hflip": True}}
+    cfg = load_config("fashion-mnist-quick", ["train.lr=3e-4", "model.qk_pe=pope"])
+    assert cfg.train.lr == 3e-4 and cfg.model["qk_pe"] == "pope"
+
+
+@pytest.mark.parametrize("overrides,words", [
+    (["train.lrr=1"], ["unknown key 'train.lrr'", "train.lr"]),
+    (["train.epochs=abc"], ["train.epochs", "abc"]),
+    (["train.epochs=0"], ["train.epochs"]),
+    (["model.qk_pe=ropee"], ["ropee", "rope_axial"]),
+    (["model.colour=1"], ["model.colour", "model.qk_pe"]),
+    (["model.name=resnet"], ["model.name", "timm:"]),
+    (["model.dim=50", "model.heads=4"], ["dim=50"]),
+    (["nosection=1"], ["section.key=value"]),
+    (["data.limit=-5"], ["data.limit"]),
+    (["train.precision=fp8"], ["train.precision"]),
+])
+def test_bad_overrides_are_one_line_errors(overrides, words):
+    with pytest.raises(ValueError) as err:
+        load_config("fashion-mnist-quick", overrides)
+    msg = str(err.value)
+    assert "\n" not in msg
+    for w in words:
+        assert w in msg, (w, msg)
+
+
+def test_unknown_preset_lists_presets():
+    with pytest.raises(ValueError, match="unknown preset 'fmnist'.*fashion-mnist"):
+        load_config("fmnist")
+
+
+def test_yaml_file_with_base(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text("base: fashion-mnist-quick\ntrain:\n  epochs: 1\n")
+    cfg = load_config(str(path))
+    assert cfg.train.epochs == 1 and cfg.data.name == "fashion-mnist"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(ValueError, match="not valid YAML"):
+        load_config(str(bad))
+    with pytest.raises(FileNotFoundError):
+        load_config(str(tmp_path / "missing.yaml"))
+    assert validate({}).data.name == "fashion-mnist"
