@@ -697,3 +697,18 @@ def test_non_square_rope_axial_rotation_by_hand():
         angles[n, quarter:] = y * w
     torch.testing.assert_close(q1.double(), rope_by_hand(q, angles), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(k1.double(), rope_by_hand(k, angles), rtol=1e-5, atol=1e-5)
+
+
+def test_hand_written_backwards_pass_gradcheck():
+    """RoPE's rotation and PoPE's polar projection have hand-written backward passes."""
+    from vitlab.models.pope import PolarProject, softplus_fwd
+    from vitlab.models.qk_base import _Rotate
+
+    x = torch.randn(2, 3, 5, 8, dtype=torch.float64, requires_grad=True)
+    for shape in [(5, 8), (3, 5, 8)]:  # shared tables (axial) and per-head tables (mixed, PoPE keys)
+        c = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+        s = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+        assert torch.autograd.gradcheck(_Rotate.apply, (x, c, s))
+        assert torch.autograd.gradcheck(PolarProject.apply, (x, c, s))
+    z = torch.linspace(-40, 40, 20001)
+    assert (softplus_fwd(z) - torch.nn.functional.softplus(z)).abs().max() < 1e-6

@@ -12,6 +12,7 @@ import platform
 import statistics
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
@@ -83,9 +84,9 @@ def build(variant: Variant, shape: dict, num_classes: int) -> torch.nn.Module:
                    mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias)
 
 
-def matmul_peak(device: torch.device, n: int = 2048, reps: int = 5) -> float:
-    """Measured fp32 matmul FLOP/s on ``device`` (median of ``reps``)."""
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+def matmul_peak(device: torch.device, n: int = 2048, reps: int = 5, dtype=torch.float32) -> float:
+    """Measured matmul FLOP/s on ``device`` in ``dtype`` (median of ``reps``)."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     times = []
     for _ in range(reps + 1):
         _sync(device)
@@ -94,6 +95,9 @@ def matmul_peak(device: torch.device, n: int = 2048, reps: int = 5) -> float:
         _sync(device)
         times.append(time.perf_counter() - t)
     return 2 * n ** 3 / statistics.median(times[1:])
+
+
+
 
 
 def _sync(device: torch.device) -> None:
@@ -119,15 +123,19 @@ def _timed(fn: Callable[[], None], device) -> float:
 
 def run_bench(shape: str = "string-cifar", variants: Optional[List[str]] = None, batch: int = 128,
               steps: int = 10, warmup: int = 2, device: str = "cpu", seed: int = 0,
-              num_classes: int = 10, log: Optional[Callable[[str], None]] = None) -> dict:
+              num_classes: int = 10, precision: str = "fp32",
+              log: Optional[Callable[[str], None]] = None) -> dict:
     """Benchmark ``variants`` on the size preset ``shape``; returns a JSON-able dict of results."""
     if shape not in SIZES:
         raise ValueError(f"unknown shape {shape!r}; valid: {', '.join(SIZES)}")
     for name, value, low in (("batch", batch, 1), ("steps", steps, 1), ("warmup", warmup, 0)):
         if value < low:
             raise ValueError(f"{name} must be >= {low}, got {value}")
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision={precision!r}; valid: fp32, bf16")
     log = log or (lambda msg: None)
     dev = torch.device(device)
+    autocast = (lambda: torch.autocast(dev.type, dtype=torch.bfloat16)) if precision == "bf16" else nullcontext
     specs = variants or DEFAULT_VARIANTS
     parsed = [parse_variant(s) for s in specs]
     size = SIZES[shape]
@@ -147,13 +155,15 @@ def run_bench(shape: str = "string-cifar", variants: Optional[List[str]] = None,
             fold_string(folded)
             infer_models[f"{v.spec} (folded)"] = folded
 
-    peak = matmul_peak(dev)
-    flops = {k: step_flops(m, x, y) for k, m in models.items()}
+    peak = matmul_peak(dev, dtype=torch.float32 if precision == "fp32" else torch.bfloat16)
+    with autocast():
+        flops = {k: step_flops(m, x, y) for k, m in models.items()}
     log(f"matmul peak {peak / 1e9:.1f} GFLOP/s; timing {len(models)} variants x {steps} steps (+{warmup} warm-up)")
 
     def train_step(k):
         m, opt = models[k], opts[k]
-        loss = F.cross_entropy(m(x), y)
+        with autocast():
+            loss = F.cross_entropy(m(x).float(), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -177,7 +187,8 @@ def run_bench(shape: str = "string-cifar", variants: Optional[List[str]] = None,
         for r in range(warmup + steps):
             order = ikeys[r % len(ikeys):] + ikeys[: r % len(ikeys)]
             for k in order:
-                t = _timed(lambda: infer_models[k](x), dev)
+                with autocast():
+                    t = _timed(lambda: infer_models[k](x), dev)
                 if r >= warmup:
                     infer[k].append(t)
     log("inference done")
@@ -202,7 +213,8 @@ def run_bench(shape: str = "string-cifar", variants: Optional[List[str]] = None,
         rows.append(row)
     return {
         "shape": shape, "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in size.items()},
-        "batch": batch, "steps": steps, "warmup": warmup, "device": str(dev), "dtype": "float32",
+        "batch": batch, "steps": steps, "warmup": warmup, "device": str(dev),
+        "dtype": "float32" if precision == "fp32" else "bf16 autocast",
         "machine": _machine(dev), "matmul_peak_gflops": peak / 1e9, "rows": rows,
     }
 
@@ -240,5 +252,5 @@ def format_table(result: dict) -> str:
     lines.append(f"{result['shape']}, batch {result['batch']}, {result['dtype']}, {result['device']} "
                  f"({m.get('cpu', m.get('gpu', m['processor']))}, {m['threads']} threads, torch {m['torch']}); "
                  f"medians of {result['steps']} interleaved rounds after {result['warmup']} warm-up; "
-                 f"matmul peak {result['matmul_peak_gflops']:.1f} GFLOP/s")
+                 f"matmul peak ({'bf16' if 'bf16' in result['dtype'] else 'fp32'}) {result['matmul_peak_gflops']:.1f} GFLOP/s")
     return "\n".join(lines)

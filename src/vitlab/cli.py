@@ -25,7 +25,11 @@ def catalogue() -> dict:
     def entries(reg):
         return {n: {"doc": reg.doc(n), "options": reg.options(n)} for n in reg.names()}
 
+    from .config import presets
+    from .data import DATASETS
+
     return {"token_pe": entries(TOKEN_PES), "qk_pe": entries(QK_PES), "attn": entries(KERNELS),
+            "datasets": entries(DATASETS), "presets": presets(),
             "sizes": {k: {kk: (list(vv) if isinstance(vv, tuple) else vv) for kk, vv in v.items()}
                       for k, v in SIZES.items()},
             "notes": COMBINATION_NOTES}
@@ -37,7 +41,7 @@ def cmd_list(args) -> int:
         print(json.dumps(cat, indent=2, default=str))
         return 0
     titles = {"token_pe": "Token PEs (model.token_pe)", "qk_pe": "Q/K PEs (model.qk_pe)",
-              "attn": "Attention kernels (model.attn)"}
+              "attn": "Attention kernels (model.attn)", "datasets": "Datasets (data.name; options: data.options.*)"}
     for key, title in titles.items():
         print(title)
         for name, e in cat[key].items():
@@ -47,6 +51,7 @@ def cmd_list(args) -> int:
     print("Size presets (model.size)")
     for name, s in cat["sizes"].items():
         print(f"  {name:22s} " + " ".join(f"{k}={v}" for k, v in s.items()))
+    print("\nPresets (vitlab train NAME): " + ", ".join(cat["presets"]))
     print("\nCombinations")
     for note in cat["notes"]:
         print(f"  - {note}")
@@ -63,7 +68,7 @@ def cmd_bench(args) -> int:
     variants = args.variants.split(",") if args.variants else None
     log = (lambda m: print(f"[bench] {m}", file=sys.stderr, flush=True)) if not args.quiet else None
     result = run_bench(shape=args.shape, variants=variants, batch=args.batch, steps=args.steps,
-                       warmup=args.warmup, device=args.device, seed=args.seed, log=log)
+                       warmup=args.warmup, device=args.device, seed=args.seed, precision=args.precision, log=log)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -148,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=int, default=10, help="timed rounds (medians are taken over them)")
     s.add_argument("--warmup", type=int, default=2)
     s.add_argument("--device", default="cpu")
+    s.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16 = autocast")
     s.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--json", action="store_true")

@@ -32,6 +32,7 @@ class DataSection(BaseModel):
     # batched, on-device augmentation
     hflip: bool = False
     crop_pad: int = Field(0, ge=0, description="pad-and-random-crop by up to this many pixels")
+    auto_augment: Literal["none", "autoaugment", "randaugment"] = "none"
     mixup: float = Field(0.0, ge=0, description="MixUp alpha (0 = off)")
     cutmix: float = Field(0.0, ge=0, description="CutMix alpha (0 = off)")
     mix_prob: float = Field(1.0, ge=0, le=1)
@@ -123,9 +124,15 @@ def parse_overrides(items: List[str]) -> Dict[str, Any]:
 
 
 def deep_merge(base: dict, extra: dict) -> dict:
+    """Merge nested dicts, ``extra`` winning. A model section that names a different
+    ``model.name`` (say ``timm:resnet18`` over a vit preset) replaces the base's model keys
+    instead of inheriting vit-only ones."""
     out = copy.deepcopy(base)
     for k, v in extra.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
+        if (k == "model" and isinstance(v, dict) and isinstance(out.get(k), dict)
+                and v.get("name", out[k].get("name", "vit")) != out[k].get("name", "vit")):
+            out[k] = copy.deepcopy(v)
+        elif isinstance(v, dict) and isinstance(out.get(k), dict):
             out[k] = deep_merge(out[k], v)
         else:
             out[k] = v

@@ -35,11 +35,7 @@ class Kernel(nn.Module):
         self.attn_drop = float(attn_drop)
 
     def scores(self, q, k, scale: float, grid: Grid) -> torch.Tensor:
-        b, h, n, d = q.shape
-        # one batched GEMM with the scale fused in (alpha), instead of a matmul and a multiply
-        s = torch.baddbmm(q.new_empty(()).expand(b * h, n, k.shape[2]), q.reshape(b * h, n, d),
-                          k.reshape(b * h, -1, d).transpose(1, 2), beta=0.0, alpha=scale)
-        return s.view(b, h, n, -1)  # (B, H, N, N)
+        return scaled_scores(q, k, scale)  # (B, H, N, N)
 
     def probs(self, q, k, scale: float, grid: Grid) -> torch.Tensor:
         return self.scores(q, k, scale, grid).softmax(dim=-1)
@@ -52,15 +48,31 @@ class Kernel(nn.Module):
         return self.eager(q, k, v, scale, grid)
 
 
+def scaled_scores(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """(B, H, N, dq) x (B, H, M, dq) -> (B, H, N, M) = q k^T * scale, as one batched GEMM with the
+    scale fused in (alpha) instead of a matmul and a multiply."""
+    b, h, n, d = q.shape
+    s = torch.baddbmm(q.new_empty(()).expand(b * h, n, k.shape[2]), q.reshape(b * h, n, d),
+                      k.reshape(b * h, -1, d).transpose(1, 2), beta=0.0, alpha=scale)
+    return s.view(b, h, n, -1)
+
+
 def sdpa(q, k, v, scale: float, dropout: float, training: bool) -> torch.Tensor:
+    """Softmax attention by the fastest correct route.
+
+    torch's fused SDPA, except where it is slower than the written-out arithmetic (measured on
+    the CPU of BENCHMARKS.md, forward + backward, (128, 4, 65, 48)): in bf16/fp16 on CPU its
+    flash kernel took 42 ms against 7 ms written out, and when q/k are wider than v (PoPE) it
+    falls back to a math path that is slower than ours. On CUDA and in fp32 on CPU it is used."""
+    if (q.device.type == "cpu" and q.dtype != torch.float32) or q.shape[-1] != v.shape[-1]:
+        a = F.dropout(scaled_scores(q, k, scale).softmax(dim=-1), dropout, training)
+        return a @ v.to(a.dtype)
     return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout if training else 0.0, scale=scale)
 
 
 @KERNELS.register("standard", "softmax attention through torch's scaled_dot_product_attention (fused kernels)")
 class Standard(Kernel):
     def forward(self, q, k, v, scale, grid):
-        if q.shape[-1] != v.shape[-1]:
-            return self.eager(q, k, v, scale, grid)
         return sdpa(q, k, v, scale, self.attn_drop, self.training)
 
 

@@ -4,7 +4,9 @@ Small datasets live as uint8 tensors on the device; each batch is augmented ther
 tensor ops, so the input pipeline costs a few percent of a step even on a 2-core CPU.
 torchvision's v2 transforms draw one set of random parameters per call, i.e. per batch when given
 a batch; flips and crops need a draw per image, so those two are written here as vectorised ops.
-MixUp/CutMix and RandomErasing come from timm, which already works per sample on batches.
+MixUp/CutMix and RandomErasing come from timm, which already works per sample on batches;
+AutoAugment/RandAugment are torchvision's v2 policies, applied image by image (uint8, before
+normalisation) because a policy draws one operation per call.
 """
 from __future__ import annotations
 
@@ -40,7 +42,7 @@ class BatchAugment:
 
     def __init__(self, *, mean: torch.Tensor, std: torch.Tensor, num_classes: int, hflip: bool = False,
                  crop_pad: int = 0, mixup: float = 0.0, cutmix: float = 0.0, mix_prob: float = 1.0,
-                 random_erasing: float = 0.0, label_smoothing: float = 0.0, img_size: Optional[Tuple[int, ...]] = None,
+                 random_erasing: float = 0.0, auto_augment: str = "none", label_smoothing: float = 0.0, img_size: Optional[Tuple[int, ...]] = None,
                  seed: int = 0, device: torch.device = torch.device("cpu")):
         self.mean, self.std = mean.to(device), std.to(device)
         self.hflip, self.crop_pad, self.img_size = hflip, crop_pad, img_size
@@ -50,6 +52,10 @@ class BatchAugment:
             from timm.data import Mixup
             self.mix = Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, prob=mix_prob, mode="batch",
                              label_smoothing=label_smoothing, num_classes=num_classes)
+        self.policy = None
+        if auto_augment != "none":
+            from torchvision.transforms import v2
+            self.policy = v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10) if auto_augment == "autoaugment" else v2.RandAugment()
         self.erase = None
         if random_erasing > 0:
             from timm.data.random_erasing import RandomErasing
@@ -70,6 +76,8 @@ class BatchAugment:
             x = random_flip(x, self.gen)
         if self.crop_pad and x.dim() == 4:
             x = random_crop(x, self.crop_pad, self.gen)
+        if self.policy is not None and x.dim() == 4:
+            x = torch.stack([self.policy(img) for img in x])  # one policy draw per image (uint8)
         x = self.normalize(x)
         if self.erase is not None:
             x = self.erase(x)

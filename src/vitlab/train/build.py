@@ -30,7 +30,10 @@ def build_timm(name: str, cfg: RunConfig, in_chans: int, num_classes: int, img_s
 
     if not timm.is_model(name):
         raise ValueError(f"unknown timm model {name!r}; see timm.list_models() (e.g. resnet18, deit_small_patch16_224)")
-    kwargs = {k: v for k, v in cfg.model.items() if k not in ("name", "pretrained", "size", "num_classes")}
+    vitlab_keys = ("qk_pe", "qk_pe_kwargs", "attn", "attn_kwargs")
+    kwargs = {k: v for k, v in cfg.model.items()
+              if k not in ("name", "pretrained", "size", "num_classes") + vitlab_keys}
+    inserted = {k: cfg.model[k] for k in vitlab_keys if k in cfg.model}
     pretrained = cfg.model.get("pretrained") or False
     extra = {}
     if isinstance(pretrained, str):
@@ -49,8 +52,12 @@ def build_timm(name: str, cfg: RunConfig, in_chans: int, num_classes: int, img_s
     except (OSError, RuntimeError) as err:  # hub unreachable offline, bad weights file
         raise RuntimeError(f"could not load pretrained weights for timm:{name} ({' '.join(str(err).split())[:200]}); "
                            f"offline, pass model.pretrained=/path/to/weights") from None
-    return model, {"name": f"timm:{name}", "pretrained": cfg.model.get("pretrained"), "img_size": list(img_size),
-                   "in_chans": in_chans, "num_classes": num_classes, **kwargs}
+    if inserted.get("qk_pe", "none") != "none" or inserted.get("attn", "standard") != "standard":
+        from ..models.timm_insert import insert_qk_pe
+        insert_qk_pe(model, inserted.get("qk_pe", "none"), inserted.get("qk_pe_kwargs"),
+                     inserted.get("attn", "standard"), inserted.get("attn_kwargs"))
+    return model, {**kwargs, **inserted, "name": f"timm:{name}", "pretrained": cfg.model.get("pretrained"),
+                   "img_size": list(img_size), "in_chans": in_chans, "num_classes": num_classes}
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list:

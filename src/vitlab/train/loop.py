@@ -120,7 +120,8 @@ def train_run(cfg: RunConfig, out_dir: Path, *, resume: bool = False, progress: 
     mean, std = stats.mean(1), stats.std(1).clamp_min(1e-3)
     augment = BatchAugment(mean=mean, std=std, num_classes=num_classes, hflip=d_cfg.hflip, crop_pad=d_cfg.crop_pad,
                            mixup=d_cfg.mixup, cutmix=d_cfg.cutmix, mix_prob=d_cfg.mix_prob,
-                           random_erasing=d_cfg.random_erasing, label_smoothing=t_cfg.label_smoothing,
+                           random_erasing=d_cfg.random_erasing, auto_augment=d_cfg.auto_augment,
+                           label_smoothing=t_cfg.label_smoothing,
                            img_size=img_size if img_size != data_size else None, seed=t_cfg.seed, device=device)
 
     # ---- recipe
@@ -175,7 +176,7 @@ def train_run(cfg: RunConfig, out_dir: Path, *, resume: bool = False, progress: 
     status, reason = "finished", ""
     patience_left = t_cfg.early_stop_patience
     deadline = t_cfg.time_limit_min * 60 if t_cfg.time_limit_min else math.inf
-    imgs_seen, train_time = 0, 0.0
+    imgs_seen, train_time, data_total = 0, 0.0, 0.0
     epoch = start_epoch
     for epoch in range(start_epoch, t_cfg.epochs):
         model.train()
@@ -184,12 +185,14 @@ def train_run(cfg: RunConfig, out_dir: Path, *, resume: bool = False, progress: 
         order = order[torch.randperm(order.numel(), generator=augment.gen)] if d_cfg.repeated_aug > 1 else order
         order = order.to(device)
         bar = Progress(steps_per_epoch, f"epoch {epoch + 1}/{t_cfg.epochs}", progress)
-        loss_sum, n_seen, stop = 0.0, 0, False
+        loss_sum, n_seen, stop, data_time = 0.0, 0, False, 0.0
         for step in range(steps_per_epoch):
             for micro in range(t_cfg.accum_steps):
                 lo = (step * t_cfg.accum_steps + micro) * t_cfg.batch_size
                 idx = order[lo:lo + t_cfg.batch_size]
+                t_data = time.perf_counter()
                 x, y = augment(x_train[idx], y_train[idx])
+                data_time += time.perf_counter() - t_data
                 with autocast():
                     logits = step_model(x)
                     loss = F.cross_entropy(logits.float(), y, weight=weight,
@@ -219,6 +222,7 @@ def train_run(cfg: RunConfig, out_dir: Path, *, resume: bool = False, progress: 
         elapsed += epoch_time
         train_time += epoch_time
         imgs_seen += n_seen
+        data_total += data_time
         if status == "failed":
             bar.close(f"epoch {epoch + 1}: {reason}")
             break
@@ -227,7 +231,8 @@ def train_run(cfg: RunConfig, out_dir: Path, *, resume: bool = False, progress: 
                                      val_ds.labels, num_classes)
         line = {"epoch": epoch + 1, "train_loss": loss_sum / max(1, n_seen), "val_loss": val["loss"],
                 "val_acc": val["acc1"], "lr": optimizer.param_groups[0]["lr"], "seconds": epoch_time,
-                "img_s": n_seen / max(epoch_time, 1e-9), "elapsed": elapsed}
+                "img_s": n_seen / max(epoch_time, 1e-9), "elapsed": elapsed,
+                "data_share": data_time / max(epoch_time, 1e-9)}  # input pipeline's share of the epoch
         rundir.append_jsonl(out_dir / "metrics.jsonl", line)
         improved = val["acc1"] > best_acc
         if improved:
@@ -238,7 +243,8 @@ def train_run(cfg: RunConfig, out_dir: Path, *, resume: bool = False, progress: 
             patience_left -= 1
         checkpoint("last", epoch + 1)
         bar.close(f"epoch {epoch + 1}/{t_cfg.epochs}  train_loss {line['train_loss']:.4f}  val_loss {val['loss']:.4f}  "
-                  f"val_acc {val['acc1']:.4f}{' *' if improved else ''}  {line['img_s']:.0f} img/s  {epoch_time:.1f}s")
+                  f"val_acc {val['acc1']:.4f}{' *' if improved else ''}  {line['img_s']:.0f} img/s  {epoch_time:.1f}s  "
+                  f"data {line['data_share']:.1%}")
         if stop:
             break
         if patience_left is not None and patience_left <= 0:
@@ -250,7 +256,8 @@ def train_run(cfg: RunConfig, out_dir: Path, *, resume: bool = False, progress: 
         raise RuntimeError(f"run {out_dir} {reason}; no checkpoint was kept")
     final = evaluate_run(out_dir, cfg, model, ema, augment, test_ds, num_classes, device, autocast, mcfg)
     final.update(epochs=best_epoch if status == "failed" else epoch + 1, best_epoch=best_epoch, seconds=elapsed,
-                 train_images_per_s=imgs_seen / train_time if train_time else None, status=status, reason=reason)
+                 train_images_per_s=imgs_seen / train_time if train_time else None,
+                 data_share=data_total / train_time if train_time else None, status=status, reason=reason)
     rundir.write_json(out_dir / "final.json", final)
     rundir.set_status(out_dir, status, reason)
     if status == "failed":

@@ -1,0 +1,112 @@
+"""Image trees (one folder per class, optionally under Training/ + Testing/), decoded with Pillow."""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple, Union
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .base import DATASETS, ArrayDataset, DataBundle
+from .folders import check_same_classes, class_files, split_folders
+from .locate import find_root, register_place
+
+
+def _probe(path: Path) -> Optional[Path]:
+    return path if path.is_dir() else None
+
+
+register_place("imagefolder", _probe,
+               how="pass root= a folder with one sub-folder of images per class (optionally under Training/ "
+                   "and Testing/, or train/ and test/)",
+               in_data_root=False)
+
+
+def _size(img_size) -> Optional[Tuple[int, int]]:
+    if img_size is None:
+        return None
+    size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+    if len(size) != 2 or not all(isinstance(s, int) and s > 0 for s in size):
+        raise ValueError(f"imagefolder option img_size={img_size!r}; expected a positive int or (H, W), or None "
+                         f"to keep the files' own (equal) size")
+    return size
+
+
+def decode(path: Path, channels: int, size: Optional[Tuple[int, int]]) -> np.ndarray:
+    """One image as uint8 (C, H, W): grey, palette, RGB, RGBA, 16-bit or float images; resized with
+    Pillow's bilinear filter, which is antialiased when shrinking. Raises Pillow's errors (OSError,
+    ValueError, ...) for a file it cannot decode."""
+    with Image.open(path) as img:
+        img.load()  # decode now so a truncated file fails here
+        if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+            # 16-bit / float (common for medical PNG/TIFF): Pillow's convert("L") clips, so min-max scale.
+            arr = np.asarray(img, dtype=np.float64)
+            lo, hi = float(arr.min()), float(arr.max())
+            arr = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
+            img = Image.fromarray(np.round(arr).astype(np.uint8), mode="L")
+        img = img.convert("L" if channels == 1 else "RGB")  # RGBA -> RGB drops alpha, grey -> RGB replicates
+        if size is not None and img.size != (size[1], size[0]):
+            img = img.resize((size[1], size[0]), Image.Resampling.BILINEAR)
+        arr = np.array(img, dtype=np.uint8)  # a writable copy, for torch.from_numpy
+    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)  # (C, H, W)
+
+
+def _read_tree(tree: Path, files: Dict[str, List[Path]], channels: int, size, on_bad_image: str,
+               skipped: List[Path]) -> ArrayDataset:
+    classes = list(files)
+    images: Optional[torch.Tensor] = None
+    labels: List[int] = []
+    for label, (cls, paths) in enumerate(files.items()):
+        kept = 0
+        for path in paths:
+            try:
+                arr = decode(path, channels, size)
+            except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as err:
+                if on_bad_image == "fail":
+                    raise ValueError(f"imagefolder: cannot read {path} as an image ({type(err).__name__}: {err})") \
+                        from None
+                skipped.append(path)
+                continue
+            if images is None:  # preallocate once the size is known: the folder may be large
+                images = torch.empty((sum(len(p) for p in files.values()), *arr.shape), dtype=torch.uint8)
+            if tuple(arr.shape) != tuple(images.shape[1:]):
+                raise ValueError(f"imagefolder: {path} is {arr.shape[1:]} but earlier images are "
+                                 f"{tuple(images.shape[2:])}; pass img_size= to resize every image")
+            images[len(labels)] = torch.from_numpy(arr)
+            labels.append(label)
+            kept += 1
+        if kept == 0:
+            raise ValueError(f"imagefolder: class folder {tree / cls} holds no readable image "
+                             f"({len(paths)} file(s) Pillow cannot decode)")
+    if len(labels) < len(images):  # files were skipped: drop the unused tail of the preallocation
+        images = images[: len(labels)].clone()
+    return ArrayDataset(images, torch.tensor(labels, dtype=torch.int64), classes, "imagefolder")
+
+
+@DATASETS.register("imagefolder", "image tree, one folder per class (optionally Training/ + Testing/), any "
+                                  "format Pillow reads, resized to img_size")
+def imagefolder(root: Optional[str], seed: int, *, img_size: Union[int, Tuple[int, int], None] = 224,
+                channels: int = 3, on_bad_image: str = "skip") -> DataBundle:
+    """Options: ``img_size`` (int or (H, W); None keeps the files' size, which must then agree),
+    ``channels`` (1: grey, 3: RGB), ``on_bad_image`` (``skip``: one warning with the count;
+    ``fail``: ValueError naming the file)."""
+    if channels not in (1, 3):
+        raise ValueError(f"imagefolder option channels={channels!r}; valid: 1, 3")
+    if on_bad_image not in ("skip", "fail"):
+        raise ValueError(f"imagefolder option on_bad_image={on_bad_image!r}; valid: 'skip', 'fail'")
+    size = _size(img_size)
+    folder = find_root("imagefolder", root)
+    train_dir, test_dir = split_folders(folder)
+    train_files = class_files(train_dir, "imagefolder")
+    test_files = class_files(test_dir, "imagefolder") if test_dir is not None else None
+    if test_files is not None:  # before decoding anything
+        check_same_classes("imagefolder", list(train_files), list(test_files), folder)
+    skipped: List[Path] = []
+    train = _read_tree(train_dir, train_files, channels, size, on_bad_image, skipped)
+    test = None if test_files is None else _read_tree(test_dir, test_files, channels, size, on_bad_image, skipped)
+    if skipped:
+        warnings.warn(f"imagefolder: skipped {len(skipped)} file(s) under {folder} that are not readable images "
+                      f"(first: {skipped[0]}); on_bad_image='fail' stops at the first")
+    return DataBundle(train, test, str(folder))

@@ -1,0 +1,141 @@
+"""Seeded, stratified splits, and their JSON form (the trainer writes it as ``split.json``)."""
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+
+from .base import DataBundle
+
+Number = Union[float, int, Fraction]
+
+
+def _exact(fractions: Sequence[Number]) -> List[Fraction]:
+    """The fractions as exact rationals (0.1 -> 1/10) that sum to exactly 1."""
+    if len(fractions) < 1 or any((not isinstance(f, (int, float, Fraction))) or f < 0 or not math.isfinite(f)
+                                 for f in fractions):
+        raise ValueError(f"split fractions must be non-negative numbers, got {tuple(fractions)}")
+    exact = [Fraction(f).limit_denominator(10**9) for f in fractions]
+    if abs(float(sum(exact)) - 1.0) > 1e-6:
+        raise ValueError(f"split fractions must sum to 1, got {tuple(fractions)} (sum {float(sum(exact)):.6g})")
+    exact[-1] = 1 - sum(exact[:-1])  # absorb the float round-off so the parts cover every index
+    if exact[-1] < 0:
+        raise ValueError(f"split fractions must sum to 1, got {tuple(fractions)}")
+    return exact
+
+
+def _class_counts(sizes: Sequence[int], fractions: Sequence[Fraction]) -> List[List[int]]:
+    """How many items of each class go to each part.
+
+    Each class's count for part i is floor or ceil of ``size * f_i`` (proportions kept within one
+    item per class): the counts are differences of the rounded cumulative boundaries
+    ``floor(size * (f_0 + ... + f_i) + u)`` for an offset u in [0, 1). Per class we pick the offset
+    that keeps the running deficit of every part smallest (error diffusion), which keeps the part
+    totals near ``N * f_i`` too (within one item in randomised checks with up to four parts); with two
+    parts the deficit never leaves [-1/2, 1/2], so the first part holds exactly ``round(N * f_0)``.
+    """
+    cum = [sum(fractions[: i + 1], Fraction(0)) for i in range(len(fractions))]
+    deficit = [Fraction(0)] * len(fractions)
+    out = []
+    for n in sizes:
+        bounds = [n * c for c in cum]  # exact cumulative targets, the last is n
+        offsets = sorted({Fraction(0)} | {1 - (b - math.floor(b)) for b in bounds if b != math.floor(b)})
+        best = None
+        for u in offsets:
+            edges = [0] + [math.floor(b + u) for b in bounds]  # u < 1: edges[0] = 0 and edges[-1] = n
+            counts = [edges[i + 1] - edges[i] for i in range(len(fractions))]
+            new = [d + n * f - c for d, f, c in zip(deficit, fractions, counts)]
+            key = (max(abs(x) for x in new), sum(abs(x) for x in new))
+            if best is None or key < best[0]:
+                best = (key, counts, new)
+        out.append(best[1])
+        deficit = best[2]
+    return out
+
+
+def _split(labels: torch.Tensor, fractions: Sequence[Fraction], seed: int) -> List[torch.Tensor]:
+    labels = torch.as_tensor(labels)
+    if labels.ndim != 1:
+        raise ValueError(f"labels must be 1-D, got shape {tuple(labels.shape)}")
+    gen = torch.Generator().manual_seed(int(seed))
+    classes = torch.unique(labels).tolist()  # sorted
+    members = [torch.nonzero(labels == c).flatten() for c in classes]
+    counts = _class_counts([len(m) for m in members], fractions)
+    parts: List[List[torch.Tensor]] = [[] for _ in fractions]
+    for idx, per_part in zip(members, counts):
+        idx = idx[torch.randperm(len(idx), generator=gen)]
+        for part, chunk in zip(parts, torch.split(idx, per_part)):
+            part.append(chunk)
+    return [torch.sort(torch.cat(p)).values if p else torch.zeros(0, dtype=torch.int64) for p in parts]
+
+
+def stratified_split(labels: torch.Tensor, fractions: Tuple[float, ...], seed: int) -> List[torch.Tensor]:
+    """Split ``range(len(labels))`` into ``len(fractions)`` parts, class by class.
+
+    Args:
+        labels: (N,) integer class labels.
+        fractions: non-negative, summing to 1, e.g. ``(0.8, 0.1, 0.1)``.
+        seed: the same seed gives the same parts.
+
+    Returns:
+        One sorted int64 index tensor per part; the parts are disjoint and cover every index. Every
+        class puts floor or ceil of ``n_class * fraction`` items into each part.
+    """
+    return _split(labels, _exact(fractions), seed)
+
+
+def stratified_take(labels: torch.Tensor, k: int, seed: int) -> torch.Tensor:
+    """Exactly ``min(k, N)`` sorted indices, stratified by class (for ``load_dataset(limit=k)``)."""
+    n = len(labels)
+    if k >= n:
+        return torch.arange(n)
+    return _split(labels, [Fraction(k, n), Fraction(n - k, n)], seed)[0]
+
+
+def make_splits(bundle: DataBundle, *, val_fraction: float = 0.1, seed: int = 0,
+                test_fraction: float = 0.1) -> Dict[str, object]:
+    """The run's split of ``bundle``.
+
+    With an official test set: ``{"train", "val"}`` carved stratified from ``bundle.train`` (val gets
+    ``val_fraction``), ``"test": None`` (meaning: use ``bundle.test``), scheme ``"official-test"``.
+    Without: a stratified ``(1 - val - test) / val / test`` split of the pool, scheme ``"80/10/10"``
+    at the defaults. Index tensors are sorted int64 into ``bundle.train``.
+    """
+    for key, f in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if not 0 <= f < 1:
+            raise ValueError(f"{key} must be in [0, 1), got {f}")
+    labels = bundle.train.labels
+    if bundle.test is not None:
+        train, val = stratified_split(labels, (1 - val_fraction, val_fraction), seed)
+        return {"train": train, "val": val, "test": None, "scheme": "official-test", "seed": int(seed)}
+    if val_fraction + test_fraction >= 1:
+        raise ValueError(f"val_fraction + test_fraction must be < 1, got {val_fraction} + {test_fraction}")
+    fractions = (1 - val_fraction - test_fraction, val_fraction, test_fraction)
+    train, val, test = stratified_split(labels, fractions, seed)
+    scheme = "/".join(f"{100 * f:g}" for f in fractions)
+    return {"train": train, "val": val, "test": test, "scheme": scheme, "seed": int(seed)}
+
+
+_KEYS = ("train", "val", "test", "scheme", "seed")
+
+
+def split_to_json(split: Dict[str, object]) -> Dict[str, object]:
+    """``split`` with its index tensors as lists of ints (``json.dump``-able)."""
+    missing = [k for k in _KEYS if k not in split]
+    if missing:
+        raise ValueError(f"split lacks key(s) {missing}; a split has {list(_KEYS)}")
+    return {k: (None if split[k] is None else torch.as_tensor(split[k]).tolist()) if k in ("train", "val", "test")
+            else split[k] for k in _KEYS}
+
+
+def split_from_json(d: Dict[str, object]) -> Dict[str, object]:
+    """The inverse of :func:`split_to_json`: index lists back to int64 tensors."""
+    missing = [k for k in _KEYS if k not in d]
+    if missing:
+        raise ValueError(f"split.json lacks key(s) {missing}; a split has {list(_KEYS)}")
+    out: Dict[str, Optional[object]] = {k: d[k] for k in _KEYS}
+    for k in ("train", "val", "test"):
+        out[k] = None if d[k] is None else torch.tensor(d[k], dtype=torch.int64).reshape(-1)
+    return out

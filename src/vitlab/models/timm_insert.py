@@ -1,0 +1,72 @@
+"""Put a vitlab q/k PE (and kernel) inside a timm ViT's attention — e.g. DeiT-Small + PoPE, as the
+PoPE-ViT study did. The timm model keeps its weights, its patch embedding and its own absolute PE;
+each block's attention is replaced by a vitlab :class:`Attention` that reuses the same ``qkv`` and
+``proj`` layers, so pretrained weights load unchanged.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .attention import Attention
+from .kernels import KERNELS
+from .positions import Grid, make_grid
+from .qk_base import QK_PES
+
+
+class _GridSource:
+    """The patch grid of the batch being processed, set by a forward pre-hook on the timm model."""
+
+    def __init__(self, patch_size, num_prefix: int):
+        self.patch_size, self.num_prefix = tuple(patch_size), num_prefix
+        self.shape = None
+        self.grids: dict = {}
+
+    def hook(self, module, args):
+        x = args[0]
+        self.shape = tuple(s // p for s, p in zip(x.shape[2:], self.patch_size))
+
+    def grid(self, device) -> Grid:
+        key = (self.shape, str(device))
+        if key not in self.grids:
+            self.grids[key] = make_grid(self.shape, self.num_prefix, device=device)
+        return self.grids[key]
+
+
+class TimmAttention(Attention):
+    """vitlab's Attention behind timm's ``attn(x, attn_mask=None, is_causal=False)`` signature.
+    Parameter names match timm's (``qkv``, ``proj``), so timm checkpoints load unchanged."""
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False):
+        if attn_mask is not None or is_causal:
+            raise ValueError("vitlab q/k PEs in timm models support unmasked, non-causal attention only")
+        return super().forward(x, self.grid_source.grid(x.device))
+
+
+def insert_qk_pe(model: nn.Module, qk_pe: str, qk_pe_kwargs: Optional[dict] = None, attn: str = "standard",
+                 attn_kwargs: Optional[dict] = None) -> nn.Module:
+    """Replace every block's attention of a timm ``VisionTransformer`` by vitlab's, with the given
+    q/k PE and kernel, in place. Returns the model."""
+    blocks = getattr(model, "blocks", None)
+    if blocks is None or not hasattr(model, "patch_embed") or not hasattr(model, "num_prefix_tokens"):
+        raise ValueError(f"model.qk_pe needs a timm VisionTransformer (blocks + patch_embed); "
+                         f"{type(model).__name__} is not one")
+    source = _GridSource(model.patch_embed.patch_size, model.num_prefix_tokens)
+    model.register_forward_pre_hook(source.hook)
+    for i, blk in enumerate(blocks):
+        old = blk.attn
+        if not (hasattr(old, "qkv") and hasattr(old, "proj") and hasattr(old, "num_heads")):
+            raise ValueError(f"block {i} attention ({type(old).__name__}) has no fused qkv/proj to reuse")
+        dim, heads = old.qkv.in_features, old.num_heads
+        ctx = dict(head_dim=dim // heads, num_heads=heads, ndim=2, layer=i, depth=len(blocks))
+        new = TimmAttention(dim, heads, qk_pe=QK_PES.build(qk_pe, qk_pe_kwargs, **ctx),
+                            kernel=KERNELS.build(attn, attn_kwargs, attn_drop=getattr(old, "attn_drop", nn.Dropout(0)).p,
+                                                 **ctx),
+                            qkv_bias=old.qkv.bias is not None)
+        new.qkv, new.proj = old.qkv, old.proj  # the same modules: pretrained weights stay where they were
+        new.proj_drop = getattr(old, "proj_drop", new.proj_drop)
+        new.grid_source = source
+        blk.attn = new
+    return model

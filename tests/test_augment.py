@@ -1,0 +1,44 @@
+"""Batched augmentation: per-image randomness, shapes, determinism."""
+import torch
+
+from vitlab.train.augment import BatchAugment, random_crop, random_flip
+
+
+def test_flip_is_per_image_and_seeded():
+    x = torch.arange(1 * 1 * 2 * 3, dtype=torch.uint8).reshape(1, 1, 2, 3).repeat(64, 1, 1, 1)
+    out = random_flip(x, torch.Generator().manual_seed(0))
+    flipped = (out == x.flip(3)).flatten(1).all(1)
+    same = (out == x).flatten(1).all(1)
+    assert (flipped ^ same).all() and 10 < flipped.sum() < 54  # each image one or the other, about half
+    again = random_flip(x, torch.Generator().manual_seed(0))
+    assert torch.equal(out, again)
+
+
+def test_crop_shifts_each_image_within_the_pad():
+    x = torch.zeros(32, 1, 9, 9, dtype=torch.uint8)
+    x[:, :, 4, 4] = 255
+    out = random_crop(x, 2, torch.Generator().manual_seed(0))
+    assert out.shape == x.shape
+    pos = torch.nonzero(out[:, 0] == 255)  # (img, row, col): the dot is never cut off with pad 2
+    assert pos.shape[0] == 32
+    assert ((pos[:, 1] - 4).abs() <= 2).all() and ((pos[:, 2] - 4).abs() <= 2).all()
+    assert len({(r.item(), c.item()) for _, r, c in pos}) > 5  # shifts differ between images
+
+
+def test_batch_augment_outputs_normalised_floats_and_soft_targets():
+    aug = BatchAugment(mean=torch.tensor([0.5, 0.5, 0.5]), std=torch.tensor([0.25, 0.25, 0.25]), num_classes=4,
+                       hflip=True, crop_pad=2, cutmix=1.0, mixup=0.8, random_erasing=0.5, auto_augment="autoaugment",
+                       label_smoothing=0.1, seed=0)
+    x = torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8)
+    y = torch.arange(8) % 4
+    xa, ya = aug(x, y)
+    assert xa.dtype == torch.float32 and xa.shape == (8, 3, 16, 16)
+    assert ya.shape == (8, 4) and torch.allclose(ya.sum(1), torch.ones(8))
+    plain = BatchAugment(mean=torch.tensor([0.5] * 3), std=torch.tensor([0.25] * 3), num_classes=4)
+    xp, yp = plain(x, y)
+    assert torch.equal(yp, y) and torch.allclose(xp, (x.float() / 255 - 0.5) / 0.25)
+
+
+def test_resize_to_model_size():
+    aug = BatchAugment(mean=torch.tensor([0.5]), std=torch.tensor([0.5]), num_classes=2, img_size=(24, 24))
+    assert aug.normalize(torch.zeros(2, 1, 16, 16, dtype=torch.uint8)).shape == (2, 1, 24, 24)
