@@ -105,3 +105,46 @@ def test_real_fashion_mnist_smoke(tmp_path):
     final = train_run(cfg, tmp_path / "r", progress=False)
     assert final["test_size"] == 10000
     assert final["acc1"] > 0.6, final["acc1"]  # measured 0.71 on the development machine
+
+
+def test_ema_accumulation_and_early_stopping(tmp_path):
+    # EMA weights are what gets evaluated; accumulation halves the optimizer steps per epoch;
+    # a learning rate too small to change anything stops the run after `patience` flat epochs.
+    final = train_run(syn_cfg("train.ema=0.9", "train.accum_steps=2", "train.epochs=2"), tmp_path / "a",
+                      progress=False)
+    state = torch.load(tmp_path / "a/checkpoints/last.pt", weights_only=True)
+    assert state["ema"] is not None and state["scheduler"]["last_epoch"] == 2 * (346 // 64)
+    assert final["status"] == "finished"
+    final = train_run(syn_cfg("train.lr=1e-9", "train.min_lr=0", "train.epochs=20", "train.early_stop_patience=2"),
+                      tmp_path / "b", progress=False)
+    assert final["epochs"] < 20 and "early stop" in final["reason"]
+
+
+def test_class_weighted_loss_and_bf16_train(tmp_path):
+    final = train_run(syn_cfg("train.class_weighted=true", "train.precision=bf16"), tmp_path / "r", progress=False)
+    assert final["acc1"] > 0.4
+
+
+@pytest.mark.skipif(not Path("/usr/share/mricron/templates/ch2.nii.gz").is_file(),
+                    reason="Debian's mricron-data is not installed (CI installs it)")
+def test_volume_preset_on_real_mri(tmp_path):
+    """volume-3d-quick: 3D patches of a real T1 brain labelled by lobe (7 classes, chance 14%)."""
+    final = train_run(load_config("volume-3d-quick"), tmp_path / "r", progress=False)
+    assert final["acc1"] > 0.3, final["acc1"]  # measured 0.64
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["train", "fashion-mnist-quick", "data.name=cifar10", "data.root=/nonexistent/cifar"], ["cifar10", "/nonexistent/cifar"]),
+    (["train", "fashion-mnist-quick", *SYN, "data.options.img_size=[8, 8, 8]", "model.img_size=[16, 16]"],
+     ["3D volumes (8, 8, 8)", "2D model"]),
+    (["train", "fashion-mnist-quick", "model.name=timm:resnet18", "model.pretrained=/no/such/weights.pth"],
+     ["weights file not found"]),
+    (["validate", "fashion-mnist-quick", "train.lrr=1"], ["unknown key 'train.lrr'"]),
+    (["eval", "/nonexistent/run"], ["not a vitlab run directory"]),
+])
+def test_cli_train_errors_are_one_line(argv, words, capsys, tmp_path):
+    assert main([*argv, *(["--out", str(tmp_path / "r")] if argv[0] == "train" else [])]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("vitlab: error: ") and err.count("\n") == 1, err
+    for w in words:
+        assert w in err, (w, err)

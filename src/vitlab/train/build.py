@@ -16,6 +16,11 @@ def build_model(cfg: RunConfig, *, in_chans: int, num_classes: int, img_size: Tu
     ``model.name`` is ``vit`` (the vitlab backbone) or ``timm:<name>`` (any timm model, with
     ``model.pretrained`` a local weights file, or ``true`` for the hub when online)."""
     name = cfg.model.get("name", "vit")
+    want = cfg.model.get("img_size")
+    if isinstance(want, (list, tuple)) and len(want) != len(img_size):
+        kind = {2: "2D images", 3: "3D volumes"}
+        raise ValueError(f"the data are {kind.get(len(img_size), img_size)} {tuple(img_size)} but model.img_size={list(want)} "
+                         f"makes a {len(want)}D model: drop model.img_size or give {len(img_size)} sizes")
     given = cfg.model.get("num_classes")
     if given is not None and given != num_classes:
         raise ValueError(f"model.num_classes={given} but the data has {num_classes} classes")
@@ -42,6 +47,8 @@ def build_timm(name: str, cfg: RunConfig, in_chans: int, num_classes: int, img_s
             raise FileNotFoundError(f"model.pretrained weights file not found: {pretrained}")
         extra["pretrained_cfg_overlay"] = {"file": pretrained}
         pretrained = True
+    elif pretrained:
+        _check_hub_reachable(name)
     if "vit" in name or "deit" in name:
         kwargs.setdefault("img_size", img_size[0] if len(set(img_size)) == 1 else img_size)
     try:
@@ -58,6 +65,20 @@ def build_timm(name: str, cfg: RunConfig, in_chans: int, num_classes: int, img_s
                      inserted.get("attn", "standard"), inserted.get("attn_kwargs"))
     return model, {**kwargs, **inserted, "name": f"timm:{name}", "pretrained": cfg.model.get("pretrained"),
                    "img_size": list(img_size), "in_chans": in_chans, "num_classes": num_classes}
+
+
+def _check_hub_reachable(name: str, host: str = "huggingface.co") -> None:
+    """Fail at once, not after the hub client's minute of retries, when the hub cannot be reached."""
+    import os
+    import socket
+
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        return  # the user's local hub cache may hold the weights
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError:
+        raise RuntimeError(f"model.pretrained=true needs the timm hub ({host}), which cannot be reached from "
+                           f"here; pass model.pretrained=/path/to/{name}.safetensors (or .pth)") from None
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list:
