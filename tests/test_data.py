@@ -517,3 +517,29 @@ def test_make_splits_official_test_and_80_10_10_roundtrip_json():
     assert split_from_json(json.loads(json.dumps(split_to_json(make_splits(with_test)))))["test"] is None
     with pytest.raises(ValueError, match="lacks key"):
         split_from_json({"train": []})
+
+
+def test_imagefolder_stream_checks_files_and_decodes_on_demand(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from vitlab.data import load_dataset
+    from vitlab.data.base import FileDataset
+
+    for cls in ("a", "b"):
+        (tmp_path / cls).mkdir()
+        for i in range(3):
+            Image.fromarray(np.full((10, 12), 40 * i + (100 if cls == "b" else 0), np.uint8)).save(tmp_path / cls / f"{i}.png")
+    (tmp_path / "a" / "broken.png").write_bytes(b"not a png")
+    with pytest.warns(UserWarning, match="skipped 1"):
+        bundle = load_dataset("imagefolder", str(tmp_path), img_size=8, channels=1, stream=True)
+    train = bundle.train
+    assert isinstance(train, FileDataset) and len(train) == 6 and train.item_shape == (1, 8, 8)
+    img, label = train[3]
+    assert img.dtype == torch.uint8 and img.shape == (1, 8, 8) and int(label) == 1
+    sub = train.subset(torch.tensor([0, 5]))
+    assert len(sub) == 2 and sub.labels.tolist() == [0, 1]
+    with pytest.raises(ValueError, match="broken.png"):
+        load_dataset("imagefolder", str(tmp_path), img_size=8, channels=1, stream=True, on_bad_image="fail")
+    with pytest.raises(ValueError, match="stream=true needs img_size"):
+        load_dataset("imagefolder", str(tmp_path), img_size=None, stream=True)

@@ -29,6 +29,7 @@ class DataSection(BaseModel):
     val_fraction: float = Field(0.1, gt=0, lt=1)
     split_seed: int = Field(0, description="seed of the stratified split: the same for every arm and seed of a comparison")
     options: Dict[str, Any] = Field(default_factory=dict, description="source-specific options")
+    workers: int = Field(2, ge=0, description="DataLoader workers for streamed (file-backed) datasets")
     # batched, on-device augmentation
     hflip: bool = False
     crop_pad: int = Field(0, ge=0, description="pad-and-random-crop by up to this many pixels")

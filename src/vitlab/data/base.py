@@ -40,10 +40,43 @@ class ArrayDataset:
     def __len__(self) -> int:
         return self.images.shape[0]
 
+    @property
+    def item_shape(self) -> tuple:
+        return tuple(self.images.shape[1:])
+
     def subset(self, idx: torch.Tensor) -> "ArrayDataset":
         """The items at ``idx`` (an int64 index tensor), same classes and name."""
         idx = torch.as_tensor(idx, dtype=torch.int64)
         return ArrayDataset(self.images[idx], self.labels[idx], list(self.classes), self.name)
+
+
+class FileDataset(torch.utils.data.Dataset):
+    """A dataset decoded from its files on demand, for folders too large to hold in memory.
+
+    Same ``labels`` / ``classes`` / ``name`` / ``subset`` / ``item_shape`` as :class:`ArrayDataset`,
+    no ``images``: item i is ``(decode(paths[i]), labels[i])``, a uint8 (C, H, W) tensor. The
+    trainer streams it through DataLoader workers."""
+
+    def __init__(self, paths: List, labels: torch.Tensor, classes: List[str], name: str, decode, item_shape: tuple):
+        self.paths, self.labels, self.classes, self.name = list(paths), labels, list(classes), name
+        self.decode, self._shape = decode, tuple(item_shape)
+        if labels.dtype != torch.int64 or labels.shape != (len(self.paths),):
+            raise ValueError(f"{name}: labels must be int64 ({len(self.paths)},), got {labels.dtype} {tuple(labels.shape)}")
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        return torch.from_numpy(self.decode(self.paths[i])), self.labels[i]
+
+    @property
+    def item_shape(self) -> tuple:
+        return self._shape
+
+    def subset(self, idx: torch.Tensor) -> "FileDataset":
+        idx = torch.as_tensor(idx, dtype=torch.int64)
+        return FileDataset([self.paths[i] for i in idx.tolist()], self.labels[idx], self.classes, self.name,
+                           self.decode, self._shape)
 
 
 @dataclass
@@ -51,14 +84,14 @@ class DataBundle:
     """What a source returns: the training pool, the official test set (None when the data has no
     official split) and where it was read from."""
 
-    train: ArrayDataset
-    test: Optional[ArrayDataset]
+    train: "ArrayDataset | FileDataset"
+    test: "Optional[ArrayDataset | FileDataset]"
     source: str
 
     def __post_init__(self):
         if self.test is not None and list(self.test.classes) != list(self.train.classes):
             raise ValueError(f"{self.train.name}: train and test classes differ: "
                              f"{self.train.classes} vs {self.test.classes}")
-        if self.test is not None and self.test.images.shape[1:] != self.train.images.shape[1:]:
-            raise ValueError(f"{self.train.name}: train items are {tuple(self.train.images.shape[1:])} "
-                             f"but test items are {tuple(self.test.images.shape[1:])}")
+        if self.test is not None and self.test.item_shape != self.train.item_shape:
+            raise ValueError(f"{self.train.name}: train items are {self.train.item_shape} "
+                             f"but test items are {self.test.item_shape}")

@@ -9,7 +9,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .base import DATASETS, ArrayDataset, DataBundle
+import functools
+
+from .base import DATASETS, ArrayDataset, DataBundle, FileDataset
 from .folders import check_same_classes, class_files, split_folders
 from .locate import find_root, register_place
 
@@ -53,45 +55,73 @@ def decode(path: Path, channels: int, size: Optional[Tuple[int, int]]) -> np.nda
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)  # (C, H, W)
 
 
-def _read_tree(tree: Path, files: Dict[str, List[Path]], channels: int, size, on_bad_image: str,
-               skipped: List[Path]) -> ArrayDataset:
-    classes = list(files)
-    images: Optional[torch.Tensor] = None
-    labels: List[int] = []
+_UNREADABLE = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+
+
+def _verify(path: Path) -> None:
+    with Image.open(path) as img:
+        img.verify()  # checks the file without decoding its pixels
+
+
+def _walk(tree: Path, files: Dict[str, List[Path]], read, on_bad_image: str, skipped: List[Path]):
+    """Yield (label, path, read(path)) for every readable file; an unreadable one is skipped and
+    counted, or fatal with ``on_bad_image='fail'``; a class folder with no readable file is an error."""
     for label, (cls, paths) in enumerate(files.items()):
         kept = 0
         for path in paths:
             try:
-                arr = decode(path, channels, size)
-            except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as err:
+                out = read(path)
+            except _UNREADABLE as err:
                 if on_bad_image == "fail":
                     raise ValueError(f"imagefolder: cannot read {path} as an image ({type(err).__name__}: {err})") \
                         from None
                 skipped.append(path)
                 continue
-            if images is None:  # preallocate once the size is known: the folder may be large
-                images = torch.empty((sum(len(p) for p in files.values()), *arr.shape), dtype=torch.uint8)
-            if tuple(arr.shape) != tuple(images.shape[1:]):
-                raise ValueError(f"imagefolder: {path} is {arr.shape[1:]} but earlier images are "
-                                 f"{tuple(images.shape[2:])}; pass img_size= to resize every image")
-            images[len(labels)] = torch.from_numpy(arr)
-            labels.append(label)
             kept += 1
+            yield label, path, out
         if kept == 0:
             raise ValueError(f"imagefolder: class folder {tree / cls} holds no readable image "
                              f"({len(paths)} file(s) Pillow cannot decode)")
+
+
+def _read_tree(tree: Path, files: Dict[str, List[Path]], channels: int, size, on_bad_image: str,
+               skipped: List[Path]) -> ArrayDataset:
+    images: Optional[torch.Tensor] = None
+    labels: List[int] = []
+    reader = functools.partial(decode, channels=channels, size=size)
+    for label, path, arr in _walk(tree, files, reader, on_bad_image, skipped):
+        if images is None:  # preallocate once the size is known: the folder may be large
+            images = torch.empty((sum(len(p) for p in files.values()), *arr.shape), dtype=torch.uint8)
+        if tuple(arr.shape) != tuple(images.shape[1:]):
+            raise ValueError(f"imagefolder: {path} is {arr.shape[1:]} but earlier images are "
+                             f"{tuple(images.shape[2:])}; pass img_size= to resize every image")
+        images[len(labels)] = torch.from_numpy(arr)
+        labels.append(label)
     if len(labels) < len(images):  # files were skipped: drop the unused tail of the preallocation
         images = images[: len(labels)].clone()
-    return ArrayDataset(images, torch.tensor(labels, dtype=torch.int64), classes, "imagefolder")
+    return ArrayDataset(images, torch.tensor(labels, dtype=torch.int64), list(files), "imagefolder")
+
+
+def _list_tree(tree: Path, files: Dict[str, List[Path]], channels: int, size, on_bad_image: str,
+               skipped: List[Path]) -> FileDataset:
+    """The tree as a :class:`FileDataset`: every file is checked now, its pixels decoded when a
+    worker asks for the item."""
+    found = [(label, path) for label, path, _ in _walk(tree, files, _verify, on_bad_image, skipped)]
+    reader = functools.partial(decode, channels=channels, size=size)
+    return FileDataset([p for _, p in found], torch.tensor([lb for lb, _ in found], dtype=torch.int64), list(files),
+                       "imagefolder", reader, tuple(reader(found[0][1]).shape))
 
 
 @DATASETS.register("imagefolder", "image tree, one folder per class (optionally Training/ + Testing/), any "
                                   "format Pillow reads, resized to img_size")
 def imagefolder(root: Optional[str], seed: int, *, img_size: Union[int, Tuple[int, int], None] = 224,
-                channels: int = 3, on_bad_image: str = "skip") -> DataBundle:
+                channels: int = 3, on_bad_image: str = "skip", stream: bool = False) -> DataBundle:
     """Options: ``img_size`` (int or (H, W); None keeps the files' size, which must then agree),
     ``channels`` (1: grey, 3: RGB), ``on_bad_image`` (``skip``: one warning with the count;
-    ``fail``: ValueError naming the file)."""
+    ``fail``: ValueError naming the file), ``stream`` (decode on demand in DataLoader workers
+    instead of holding the folder in memory: for ImageNet-scale trees; needs ``img_size``)."""
+    if stream and img_size is None:
+        raise ValueError("imagefolder option stream=true needs img_size (streamed batches need one size)")
     if channels not in (1, 3):
         raise ValueError(f"imagefolder option channels={channels!r}; valid: 1, 3")
     if on_bad_image not in ("skip", "fail"):
@@ -104,8 +134,9 @@ def imagefolder(root: Optional[str], seed: int, *, img_size: Union[int, Tuple[in
     if test_files is not None:  # before decoding anything
         check_same_classes("imagefolder", list(train_files), list(test_files), folder)
     skipped: List[Path] = []
-    train = _read_tree(train_dir, train_files, channels, size, on_bad_image, skipped)
-    test = None if test_files is None else _read_tree(test_dir, test_files, channels, size, on_bad_image, skipped)
+    read = _list_tree if stream else _read_tree
+    train = read(train_dir, train_files, channels, size, on_bad_image, skipped)
+    test = None if test_files is None else read(test_dir, test_files, channels, size, on_bad_image, skipped)
     if skipped:
         warnings.warn(f"imagefolder: skipped {len(skipped)} file(s) under {folder} that are not readable images "
                       f"(first: {skipped[0]}); on_bad_image='fail' stops at the first")

@@ -1,6 +1,7 @@
 """``vitlab eval``: re-evaluate a finished run's checkpoint on another split or image size."""
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 from typing import List, Optional
 
@@ -11,6 +12,8 @@ from ..config import deep_merge, parse_overrides, read_yaml, validate
 from ..eval.metrics import classification_metrics
 from .augment import BatchAugment
 from .build import build_model
+from .feed import make_feed
+from .loop import predict
 
 
 def eval_run(run_dir: str, overrides: Optional[List[str]] = None, *, checkpoint: str = "best",
@@ -38,9 +41,9 @@ def eval_run(run_dir: str, overrides: Optional[List[str]] = None, *, checkpoint:
     split = make_splits(bundle, val_fraction=d.val_fraction, seed=d.split_seed)
     test = bundle.test if split["test"] is None else bundle.train.subset(split["test"])
     num_classes = len(bundle.train.classes)
-    data_size = tuple(test.images.shape[2:])
+    data_size = tuple(test.item_shape[1:])
     trained = read_yaml(str(run / "config.yaml")).get("model", {})
-    model, mcfg = build_model(cfg, in_chans=test.images.shape[1], num_classes=num_classes,
+    model, mcfg = build_model(cfg, in_chans=test.item_shape[0], num_classes=num_classes,
                               img_size=tuple(trained["img_size"]) if "img_size" in trained else data_size)
     model.load_state_dict(state["ema"] if state.get("ema") is not None else state["model"])
     dev = torch.device(device)
@@ -49,13 +52,11 @@ def eval_run(run_dir: str, overrides: Optional[List[str]] = None, *, checkpoint:
     if new_size is not None:
         size = (new_size,) * len(data_size) if isinstance(new_size, int) else tuple(new_size)
     size = tuple(size)
-    norm = state.get("norm") or {"mean": [0.5] * test.images.shape[1], "std": [0.5] * test.images.shape[1]}
+    norm = state.get("norm") or {"mean": [0.5] * test.item_shape[0], "std": [0.5] * test.item_shape[0]}
     aug = BatchAugment(mean=torch.tensor(norm["mean"]), std=torch.tensor(norm["std"]), num_classes=num_classes,
                        img_size=size if size != data_size else None, device=dev)
-    logits = []
-    with torch.no_grad():
-        for i in range(0, test.images.shape[0], cfg.train.eval_batch_size):
-            logits.append(model(aug.normalize(test.images[i:i + cfg.train.eval_batch_size].to(dev))).float().cpu())
-    metrics = classification_metrics(torch.cat(logits), test.labels, num_classes)
-    metrics.update(img_size=list(size), test_size=int(test.images.shape[0]), checkpoint=checkpoint)
+    feed = make_feed(test, dev, d.workers, cfg.train.seed)
+    logits = predict(model, feed, aug, cfg.train.eval_batch_size, nullcontext)
+    metrics = classification_metrics(logits, test.labels, num_classes)
+    metrics.update(img_size=list(size), test_size=len(feed), checkpoint=checkpoint)
     return metrics

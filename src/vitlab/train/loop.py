@@ -23,6 +23,7 @@ from ..config import RunConfig, dump_yaml
 from ..eval.metrics import classification_metrics
 from .augment import BatchAugment
 from .build import build_model, param_groups
+from .feed import make_feed
 
 
 def seed_everything(seed: int) -> None:
@@ -81,13 +82,13 @@ class Progress:
 
 
 @torch.no_grad()
-def predict(model, images: torch.Tensor, augment: BatchAugment, batch_size: int, device, autocast) -> torch.Tensor:
+def predict(model, feed, augment: BatchAugment, batch_size: int, autocast) -> torch.Tensor:
+    """Logits of every item of ``feed`` in order, (N, classes) float32 on the CPU."""
     model.eval()
     out = []
-    for i in range(0, images.shape[0], batch_size):
-        x = augment.normalize(images[i:i + batch_size].to(device))
+    for x, _ in feed.batches(torch.arange(len(feed)), batch_size):
         with autocast():
-            out.append(model(x).float().cpu())
+            out.append(model(augment.normalize(x)).float().cpu())
     return torch.cat(out) if out else torch.empty(0)
 
 
@@ -109,14 +110,15 @@ def train_run(cfg: RunConfig, out_dir: Path, *, resume: bool = False, progress: 
     val_ds = bundle.train.subset(split["val"])
     test_ds = bundle.test if split["test"] is None else bundle.train.subset(split["test"])
     num_classes = len(bundle.train.classes)
-    in_chans, data_size = train_ds.images.shape[1], tuple(train_ds.images.shape[2:])
+    in_chans, data_size = train_ds.item_shape[0], tuple(train_ds.item_shape[1:])
 
     model, mcfg = build_model(cfg, in_chans=in_chans, num_classes=num_classes, img_size=data_size)
     model.to(device)
     img_size = tuple(mcfg["img_size"]) if mcfg.get("img_size") else data_size
-    x_train = train_ds.images.to(device)
+    feed = make_feed(train_ds, device, d_cfg.workers, t_cfg.seed)
+    val_feed, test_feed = (make_feed(ds, device, d_cfg.workers, t_cfg.seed) for ds in (val_ds, test_ds))
     y_train = train_ds.labels.to(device)
-    stats = x_train.float().div(255).transpose(0, 1).reshape(in_chans, -1)
+    stats = feed.sample(4096).float().div(255).transpose(0, 1).reshape(in_chans, -1)  # per-channel mean/std
     mean, std = stats.mean(1), stats.std(1).clamp_min(1e-3)
     augment = BatchAugment(mean=mean, std=std, num_classes=num_classes, hflip=d_cfg.hflip, crop_pad=d_cfg.crop_pad,
                            mixup=d_cfg.mixup, cutmix=d_cfg.cutmix, mix_prob=d_cfg.mix_prob,
@@ -127,7 +129,7 @@ def train_run(cfg: RunConfig, out_dir: Path, *, resume: bool = False, progress: 
     # ---- recipe
     optimizer = torch.optim.AdamW(param_groups(model, t_cfg.weight_decay), lr=t_cfg.lr, betas=(0.9, 0.999),
                                   fused=device.type == "cuda")
-    n_train = x_train.shape[0] * d_cfg.repeated_aug
+    n_train = len(feed) * d_cfg.repeated_aug
     steps_per_epoch = max(1, n_train // (t_cfg.batch_size * t_cfg.accum_steps))
     total = steps_per_epoch * t_cfg.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -181,17 +183,16 @@ def train_run(cfg: RunConfig, out_dir: Path, *, resume: bool = False, progress: 
     for epoch in range(start_epoch, t_cfg.epochs):
         model.train()
         t0 = time.perf_counter()
-        order = torch.randperm(x_train.shape[0], generator=augment.gen).repeat(d_cfg.repeated_aug)
+        order = torch.randperm(len(feed), generator=augment.gen).repeat(d_cfg.repeated_aug)
         order = order[torch.randperm(order.numel(), generator=augment.gen)] if d_cfg.repeated_aug > 1 else order
-        order = order.to(device)
+        batches = feed.batches(order[: steps_per_epoch * t_cfg.accum_steps * t_cfg.batch_size], t_cfg.batch_size)
         bar = Progress(steps_per_epoch, f"epoch {epoch + 1}/{t_cfg.epochs}", progress)
         loss_sum, n_seen, stop, data_time = 0.0, 0, False, 0.0
         for step in range(steps_per_epoch):
             for micro in range(t_cfg.accum_steps):
-                lo = (step * t_cfg.accum_steps + micro) * t_cfg.batch_size
-                idx = order[lo:lo + t_cfg.batch_size]
                 t_data = time.perf_counter()
-                x, y = augment(x_train[idx], y_train[idx])
+                x, y = next(batches)
+                x, y = augment(x, y)
                 data_time += time.perf_counter() - t_data
                 with autocast():
                     logits = step_model(x)
@@ -201,8 +202,8 @@ def train_run(cfg: RunConfig, out_dir: Path, *, resume: bool = False, progress: 
                     status, reason, stop = "failed", f"diverged: loss is {loss.item()} at epoch {epoch + 1} step {step + 1}", True
                     break
                 (loss / t_cfg.accum_steps).backward()
-                loss_sum += loss.item() * idx.numel()
-                n_seen += idx.numel()
+                loss_sum += loss.item() * x.shape[0]
+                n_seen += x.shape[0]
             if stop:
                 break
             if t_cfg.clip_grad:
@@ -227,7 +228,7 @@ def train_run(cfg: RunConfig, out_dir: Path, *, resume: bool = False, progress: 
             bar.close(f"epoch {epoch + 1}: {reason}")
             break
         eval_model = ema.module if ema is not None else model
-        val = classification_metrics(predict(eval_model, val_ds.images, augment, t_cfg.eval_batch_size, device, autocast),
+        val = classification_metrics(predict(eval_model, val_feed, augment, t_cfg.eval_batch_size, autocast),
                                      val_ds.labels, num_classes)
         line = {"epoch": epoch + 1, "train_loss": loss_sum / max(1, n_seen), "val_loss": val["loss"],
                 "val_acc": val["acc1"], "lr": optimizer.param_groups[0]["lr"], "seconds": epoch_time,
@@ -254,7 +255,7 @@ def train_run(cfg: RunConfig, out_dir: Path, *, resume: bool = False, progress: 
     if best_epoch < 0:  # diverged before any epoch finished: nothing to evaluate
         rundir.set_status(out_dir, "failed", reason)
         raise RuntimeError(f"run {out_dir} {reason}; no checkpoint was kept")
-    final = evaluate_run(out_dir, cfg, model, ema, augment, test_ds, num_classes, device, autocast, mcfg)
+    final = evaluate_run(out_dir, cfg, model, augment, test_feed, test_ds.labels, num_classes, device, autocast, mcfg)
     final.update(epochs=best_epoch if status == "failed" else epoch + 1, best_epoch=best_epoch, seconds=elapsed,
                  train_images_per_s=imgs_seen / train_time if train_time else None,
                  data_share=data_total / train_time if train_time else None, status=status, reason=reason)
@@ -265,16 +266,16 @@ def train_run(cfg: RunConfig, out_dir: Path, *, resume: bool = False, progress: 
     return final
 
 
-def evaluate_run(out_dir, cfg, model, ema, augment, test_ds, num_classes, device, autocast, mcfg) -> dict:
+def evaluate_run(out_dir, cfg, model, augment, test_feed, test_labels, num_classes, device, autocast, mcfg) -> dict:
     """Test metrics of the best checkpoint, plus cost figures."""
     from torch.utils.flop_counter import FlopCounterMode
 
     state = rundir.load_checkpoint(Path(out_dir) / "checkpoints" / "best.pt")
     model.load_state_dict(state["ema"] if state.get("ema") is not None else state["model"])
     bs = cfg.train.eval_batch_size
-    logits = predict(model, test_ds.images, augment, bs, device, autocast)
-    metrics = classification_metrics(logits, test_ds.labels, num_classes)
-    x = augment.normalize(test_ds.images[: min(bs, test_ds.images.shape[0])].to(device))
+    logits = predict(model, test_feed, augment, bs, autocast)
+    metrics = classification_metrics(logits, test_labels, num_classes)
+    x = augment.normalize(test_feed.sample(bs))
     model.eval()
     with torch.no_grad():
         with FlopCounterMode(display=False) as counter:
@@ -288,5 +289,5 @@ def evaluate_run(out_dir, cfg, model, ema, augment, test_ds, num_classes, device
             times.append(time.perf_counter() - t)
     metrics.update(params=sum(p.numel() for p in model.parameters()), flops=counter.get_total_flops(),
                    infer_ms_per_batch=sorted(times)[len(times) // 2] * 1e3, infer_batch=x.shape[0],
-                   test_size=int(test_ds.images.shape[0]), model=mcfg)
+                   test_size=len(test_feed), model=mcfg)
     return metrics
