@@ -1,4 +1,5 @@
 """Batched augmentation: per-image randomness, shapes, determinism."""
+import pytest
 import torch
 
 from vitlab.train.augment import BatchAugment, random_crop, random_flip
@@ -42,3 +43,28 @@ def test_batch_augment_outputs_normalised_floats_and_soft_targets():
 def test_resize_to_model_size():
     aug = BatchAugment(mean=torch.tensor([0.5]), std=torch.tensor([0.5]), num_classes=2, img_size=(24, 24))
     assert aug.normalize(torch.zeros(2, 1, 16, 16, dtype=torch.uint8)).shape == (2, 1, 24, 24)
+
+
+def test_random_affine_is_per_image_and_identity_at_zero():
+    from vitlab.train.augment import random_affine
+
+    x = torch.zeros(16, 1, 15, 15)
+    x[:, :, 7, 3:12] = 1.0  # a horizontal bar
+    gen = torch.Generator().manual_seed(0)
+    same = random_affine(x, 0.0, 0.0, (1.0, 1.0), gen)
+    assert torch.allclose(same, x, atol=1e-5)
+    out = random_affine(x, 30.0, 0.1, (0.9, 1.1), gen)
+    assert out.shape == x.shape
+    assert len({o.numpy().tobytes() for o in out}) == 16  # a different transform per image
+    assert not torch.allclose(out, x, atol=1e-2)
+
+
+def test_grey_data_for_a_colour_model_and_back():
+    from vitlab.train.augment import match_channels
+
+    grey = torch.randint(0, 256, (2, 1, 4, 4), dtype=torch.uint8)
+    rgb = match_channels(grey, 3)
+    assert rgb.shape == (2, 3, 4, 4) and torch.equal(rgb[:, 2], grey[:, 0])
+    assert torch.equal(match_channels(rgb, 1), grey)
+    with pytest.raises(ValueError, match="4-channel data"):
+        match_channels(torch.zeros(1, 4, 2, 2, dtype=torch.uint8), 3)

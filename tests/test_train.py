@@ -44,15 +44,37 @@ def test_train_writes_a_complete_run_directory(tmp_path):
     assert not set(split["train"]) & set(split["val"])
 
 
-def test_same_seed_same_numbers_and_resume_continues(tmp_path):
+def test_same_seed_same_numbers(tmp_path):
     a = train_run(syn_cfg("train.epochs=2"), tmp_path / "a", progress=False)
     b = train_run(syn_cfg("train.epochs=2"), tmp_path / "b", progress=False)
     assert a["acc1"] == b["acc1"] and a["loss"] == b["loss"]
-    # a run stopped after epoch 1 and resumed reaches the same result as one never stopped
-    cfg1 = syn_cfg("train.epochs=2")
-    train_run(cfg1, tmp_path / "c", progress=False)
-    state = torch.load(tmp_path / "c/checkpoints/last.pt", weights_only=True)
-    assert state["epoch"] == 2
+
+
+def test_interrupted_run_resumes_to_the_same_result(tmp_path, monkeypatch):
+    """Stopped after its first epoch (the process dies while logging epoch 2), a run resumed with
+    --resume ends where the run that was never stopped ends."""
+    from vitlab import rundir
+    from vitlab.cli import main as cli
+
+    whole = train_run(syn_cfg("train.epochs=3"), tmp_path / "whole", progress=False)
+    real_append, calls = rundir.append_jsonl, []
+
+    def dying_append(path, obj):
+        calls.append(obj)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the run is killed after epoch 1's checkpoint
+        real_append(path, obj)
+
+    monkeypatch.setattr(rundir, "append_jsonl", dying_append)
+    with pytest.raises(KeyboardInterrupt):
+        train_run(syn_cfg("train.epochs=3"), tmp_path / "cut", progress=False)
+    monkeypatch.setattr(rundir, "append_jsonl", real_append)
+    assert not (tmp_path / "cut/final.json").exists()
+    assert cli(["train", "--resume", str(tmp_path / "cut"), "--quiet"]) == 0
+    resumed = json.loads((tmp_path / "cut/final.json").read_text())
+    assert resumed["acc1"] == whole["acc1"] and resumed["loss"] == pytest.approx(whole["loss"], abs=1e-6)
+    lines = [json.loads(x) for x in (tmp_path / "cut/metrics.jsonl").read_text().splitlines()]
+    assert [x["epoch"] for x in lines] == [1, 2, 3]
 
 
 def test_time_limit_stops_cleanly_and_evaluates(tmp_path):
@@ -174,3 +196,11 @@ def test_streamed_image_folder_trains_like_the_in_memory_one(tmp_path):
     m1 = (tmp_path / "mem/metrics.jsonl").read_text().splitlines()
     m2 = (tmp_path / "stream/metrics.jsonl").read_text().splitlines()
     assert [json.loads(a)["train_loss"] for a in m1] == pytest.approx([json.loads(b)["train_loss"] for b in m2])
+
+
+def test_grey_data_trains_a_three_channel_model_with_affine_aug(tmp_path):
+    final = train_run(syn_cfg("model.in_chans=3", "data.affine_degrees=10", "data.affine_translate=0.05",
+                              "data.affine_scale=[0.9, 1.1]"), tmp_path / "r", progress=False)
+    assert final["model"]["in_chans"] == 3 and final["acc1"] > 0.4
+    from vitlab.cli import main as cli
+    assert cli(["eval", str(tmp_path / "r")]) == 0

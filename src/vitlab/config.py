@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 from importlib import resources
 from pathlib import Path
-from typing import Any, Dict, List, Literal, Optional
+from typing import Any, Dict, List, Literal, Optional, Tuple
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -34,6 +34,9 @@ class DataSection(BaseModel):
     hflip: bool = False
     crop_pad: int = Field(0, ge=0, description="pad-and-random-crop by up to this many pixels")
     auto_augment: Literal["none", "autoaugment", "randaugment"] = "none"
+    affine_degrees: float = Field(0.0, ge=0, le=180, description="RandomAffine rotation range (+-degrees)")
+    affine_translate: float = Field(0.0, ge=0, le=1, description="RandomAffine shift, fraction of the size")
+    affine_scale: Tuple[float, float] = (1.0, 1.0)
     mixup: float = Field(0.0, ge=0, description="MixUp alpha (0 = off)")
     cutmix: float = Field(0.0, ge=0, description="CutMix alpha (0 = off)")
     mix_prob: float = Field(1.0, ge=0, le=1)

@@ -37,15 +37,46 @@ def random_crop(x: torch.Tensor, pad: int, gen: torch.Generator) -> torch.Tensor
     return out.permute(0, 3, 1, 2)
 
 
+def random_affine(x: torch.Tensor, degrees: float, translate: float, scale: Tuple[float, float],
+                  gen: torch.Generator) -> torch.Tensor:
+    """torchvision's RandomAffine (rotation up to +-``degrees``, shift up to ``translate`` of the
+    size, zoom in ``scale``), drawn per image and applied to the whole batch in one
+    ``grid_sample``; (B, C, H, W) float."""
+    b = x.shape[0]
+    u = torch.rand(4, b, generator=gen).to(x.device)
+    angle = (u[0] * 2 - 1) * degrees * torch.pi / 180
+    zoom = scale[0] + u[1] * (scale[1] - scale[0])
+    tx, ty = (u[2] * 2 - 1) * translate * 2, (u[3] * 2 - 1) * translate * 2  # grid units span 2
+    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+    theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)  # (B, 2, 3)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def match_channels(x: torch.Tensor, channels: Optional[int]) -> torch.Tensor:
+    """Grey data for a colour model (replicated) or colour data for a grey model (averaged)."""
+    if channels is None or x.shape[1] == channels:
+        return x
+    if x.shape[1] == 1:
+        return x.expand(-1, channels, *x.shape[2:])
+    if channels == 1:
+        return x.float().mean(1, keepdim=True).round().to(x.dtype)
+    raise ValueError(f"cannot feed {x.shape[1]}-channel data to a {channels}-channel model")
+
+
 class BatchAugment:
     """uint8 batch -> normalised float batch (+ soft targets when MixUp/CutMix are on)."""
 
     def __init__(self, *, mean: torch.Tensor, std: torch.Tensor, num_classes: int, hflip: bool = False,
                  crop_pad: int = 0, mixup: float = 0.0, cutmix: float = 0.0, mix_prob: float = 1.0,
-                 random_erasing: float = 0.0, auto_augment: str = "none", label_smoothing: float = 0.0, img_size: Optional[Tuple[int, ...]] = None,
+                 random_erasing: float = 0.0, auto_augment: str = "none", affine_degrees: float = 0.0,
+                 affine_translate: float = 0.0, affine_scale: Tuple[float, float] = (1.0, 1.0),
+                 channels: Optional[int] = None, label_smoothing: float = 0.0, img_size: Optional[Tuple[int, ...]] = None,
                  seed: int = 0, device: torch.device = torch.device("cpu")):
         self.mean, self.std = mean.to(device), std.to(device)
-        self.hflip, self.crop_pad, self.img_size = hflip, crop_pad, img_size
+        self.hflip, self.crop_pad, self.img_size, self.channels = hflip, crop_pad, img_size, channels
+        self.affine = (affine_degrees, affine_translate, tuple(affine_scale))
+        self.use_affine = affine_degrees > 0 or affine_translate > 0 or tuple(affine_scale) != (1.0, 1.0)
         self.gen = torch.Generator(device="cpu").manual_seed(seed)
         self.mix = None
         if mixup > 0 or cutmix > 0:
@@ -62,7 +93,7 @@ class BatchAugment:
             self.erase = RandomErasing(probability=random_erasing, mode="pixel", device=str(device))
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.float().div_(255)
+        x = match_channels(x, self.channels).float().div_(255)
         shape = (1, -1) + (1,) * (x.dim() - 2)
         x = (x - self.mean.view(shape)) / self.std.view(shape)
         if self.img_size is not None and tuple(x.shape[2:]) != tuple(self.img_size):
@@ -79,6 +110,8 @@ class BatchAugment:
         if self.policy is not None and x.dim() == 4:
             x = torch.stack([self.policy(img) for img in x])  # one policy draw per image (uint8)
         x = self.normalize(x)
+        if self.use_affine and x.dim() == 4:
+            x = random_affine(x, *self.affine, self.gen)
         if self.erase is not None:
             x = self.erase(x)
         if self.mix is not None and x.shape[0] % 2 == 0:

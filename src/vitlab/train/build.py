@@ -39,6 +39,7 @@ def build_timm(name: str, cfg: RunConfig, in_chans: int, num_classes: int, img_s
     kwargs = {k: v for k, v in cfg.model.items()
               if k not in ("name", "pretrained", "size", "num_classes") + vitlab_keys}
     inserted = {k: cfg.model[k] for k in vitlab_keys if k in cfg.model}
+    in_chans = kwargs.pop("in_chans", in_chans)  # the model's channels win; the data are converted to them
     pretrained = cfg.model.get("pretrained") or False
     extra = {}
     if isinstance(pretrained, str):

@@ -54,7 +54,7 @@ def eval_run(run_dir: str, overrides: Optional[List[str]] = None, *, checkpoint:
     size = tuple(size)
     norm = state.get("norm") or {"mean": [0.5] * test.item_shape[0], "std": [0.5] * test.item_shape[0]}
     aug = BatchAugment(mean=torch.tensor(norm["mean"]), std=torch.tensor(norm["std"]), num_classes=num_classes,
-                       img_size=size if size != data_size else None, device=dev)
+                       img_size=size if size != data_size else None, channels=mcfg.get("in_chans"), device=dev)
     feed = make_feed(test, dev, d.workers, cfg.train.seed)
     logits = predict(model, feed, aug, cfg.train.eval_batch_size, nullcontext)
     metrics = classification_metrics(logits, test.labels, num_classes)

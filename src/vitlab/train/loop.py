@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from .. import rundir
 from ..config import RunConfig, dump_yaml
 from ..eval.metrics import classification_metrics
-from .augment import BatchAugment
+from .augment import BatchAugment, match_channels
 from .build import build_model, param_groups
 from .feed import make_feed
 
@@ -118,11 +118,14 @@ def train_run(cfg: RunConfig, out_dir: Path, *, resume: bool = False, progress: 
     feed = make_feed(train_ds, device, d_cfg.workers, t_cfg.seed)
     val_feed, test_feed = (make_feed(ds, device, d_cfg.workers, t_cfg.seed) for ds in (val_ds, test_ds))
     y_train = train_ds.labels.to(device)
-    stats = feed.sample(4096).float().div(255).transpose(0, 1).reshape(in_chans, -1)  # per-channel mean/std
+    channels = mcfg.get("in_chans") or in_chans  # the model's: grey data for a colour model is replicated
+    stats = match_channels(feed.sample(4096), channels).float().div(255).transpose(0, 1).reshape(channels, -1)
     mean, std = stats.mean(1), stats.std(1).clamp_min(1e-3)
     augment = BatchAugment(mean=mean, std=std, num_classes=num_classes, hflip=d_cfg.hflip, crop_pad=d_cfg.crop_pad,
                            mixup=d_cfg.mixup, cutmix=d_cfg.cutmix, mix_prob=d_cfg.mix_prob,
                            random_erasing=d_cfg.random_erasing, auto_augment=d_cfg.auto_augment,
+                           affine_degrees=d_cfg.affine_degrees, affine_translate=d_cfg.affine_translate,
+                           affine_scale=d_cfg.affine_scale, channels=channels,
                            label_smoothing=t_cfg.label_smoothing,
                            img_size=img_size if img_size != data_size else None, seed=t_cfg.seed, device=device)
 
