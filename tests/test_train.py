@@ -204,3 +204,22 @@ def test_grey_data_trains_a_three_channel_model_with_affine_aug(tmp_path):
     assert final["model"]["in_chans"] == 3 and final["acc1"] > 0.4
     from vitlab.cli import main as cli
     assert cli(["eval", str(tmp_path / "r")]) == 0
+
+
+def test_on_bad_image_fail_stops_with_the_file_named(tmp_path, capsys):
+    from PIL import Image
+    import numpy as np
+
+    for cls in ("a", "b"):
+        (tmp_path / "tree" / cls).mkdir(parents=True)
+        for i in range(6):
+            Image.fromarray(np.full((8, 8), 30 * i, np.uint8)).save(tmp_path / "tree" / cls / f"{i}.png")
+    (tmp_path / "tree" / "b" / "notes.png").write_text("not an image")
+    args = ["train", "fashion-mnist-quick", "data.name=imagefolder", f"data.root={tmp_path / 'tree'}",
+            "data.options.img_size=8", "data.options.channels=1", "model.patch_size=4", "model.dim=16",
+            "model.depth=1", "model.heads=2", "train.epochs=1", "--out", str(tmp_path / "r"), "--quiet"]
+    assert main(args + ["data.on_bad_image=fail"]) == 2
+    err = capsys.readouterr().err
+    assert "notes.png" in err and err.count("\n") == 1
+    with pytest.warns(UserWarning, match="skipped 1 file"):
+        assert main(args) == 0  # skip (the default): trains on the 12 readable images

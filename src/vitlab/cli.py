@@ -184,8 +184,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    import warnings
+    warnings.formatwarning = lambda msg, category, *rest: f"vitlab: warning: {msg}\n"  # one line, no source
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # key=value overrides may also follow the options (`vitlab train X --out d train.lr=1e-3`)
+        if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides = list(args.overrides) + extra
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
     except BrokenPipeError:  # e.g. `vitlab list | head`

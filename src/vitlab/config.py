@@ -29,6 +29,8 @@ class DataSection(BaseModel):
     val_fraction: float = Field(0.1, gt=0, lt=1)
     split_seed: int = Field(0, description="seed of the stratified split: the same for every arm and seed of a comparison")
     options: Dict[str, Any] = Field(default_factory=dict, description="source-specific options")
+    on_bad_image: Literal["skip", "fail"] = Field(
+        "skip", description="a corrupt or non-image file in an image folder: skip it (counted warning) or fail")
     workers: int = Field(2, ge=0, description="DataLoader workers for streamed (file-backed) datasets")
     # batched, on-device augmentation
     hflip: bool = False
@@ -42,6 +44,17 @@ class DataSection(BaseModel):
     mix_prob: float = Field(1.0, ge=0, le=1)
     random_erasing: float = Field(0.0, ge=0, le=1, description="RandomErasing probability")
     repeated_aug: int = Field(1, ge=1, description="each image appears this many times per epoch, differently augmented")
+
+
+    def source_options(self) -> Dict[str, Any]:
+        """The options passed to the data source: ``options`` plus ``on_bad_image`` where the
+        source takes it."""
+        from .data import DATASETS
+
+        opts = dict(self.options)
+        if "on_bad_image" in DATASETS.options(self.name) and "on_bad_image" not in opts:
+            opts["on_bad_image"] = self.on_bad_image
+        return opts
 
 
 class TrainSection(BaseModel):

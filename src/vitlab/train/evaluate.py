@@ -37,7 +37,7 @@ def eval_run(run_dir: str, overrides: Optional[List[str]] = None, *, checkpoint:
     state = rundir.load_checkpoint(run / "checkpoints" / f"{checkpoint}.pt")
 
     d = cfg.data
-    bundle = load_dataset(d.name, d.root, limit=d.limit, seed=d.split_seed, **d.options)
+    bundle = load_dataset(d.name, d.root, limit=d.limit, seed=d.split_seed, **d.source_options())
     split = make_splits(bundle, val_fraction=d.val_fraction, seed=d.split_seed)
     test = bundle.test if split["test"] is None else bundle.train.subset(split["test"])
     num_classes = len(bundle.train.classes)

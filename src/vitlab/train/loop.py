@@ -104,7 +104,7 @@ def train_run(cfg: RunConfig, out_dir: Path, *, resume: bool = False, progress: 
     seed_everything(t_cfg.seed)
 
     # ---- data: uint8 tensors, one stratified split shared by every arm (data.split_seed)
-    bundle = load_dataset(d_cfg.name, d_cfg.root, limit=d_cfg.limit, seed=d_cfg.split_seed, **d_cfg.options)
+    bundle = load_dataset(d_cfg.name, d_cfg.root, limit=d_cfg.limit, seed=d_cfg.split_seed, **d_cfg.source_options())
     split = make_splits(bundle, val_fraction=d_cfg.val_fraction, seed=d_cfg.split_seed)
     train_ds = bundle.train.subset(split["train"])
     val_ds = bundle.train.subset(split["val"])
