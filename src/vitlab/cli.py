@@ -134,6 +134,29 @@ def cmd_validate(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from pathlib import Path
+
+    from .compare import load_experiment, run_compare
+    from .compare.report import write_report
+
+    exp = load_experiment(args.experiment)
+    out = Path(args.out) if args.out else Path("runs") / (Path(args.experiment).stem if args.experiment else "default-study")
+    log = (lambda m: print(m, file=sys.stderr, flush=True)) if not args.quiet else (lambda m: None)
+    states = run_compare(exp, out, extra=args.overrides, jobs=args.jobs, retry_failed=args.retry_failed, log=log)
+    report = write_report(out)
+    failed = [n for n, st in states.items() if st != "finished"]
+    print(f"{out}: {len(states) - len(failed)}/{len(states)} runs finished; report: {report}")
+    return 1 if failed else 0
+
+
+def cmd_report(args) -> int:
+    from .compare.report import write_report
+
+    print(write_report(args.dir))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vitlab", description="A laboratory for Vision Transformers: "
                                 "compare positional encodings and attention mechanisms fairly.")
@@ -175,6 +198,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--checkpoint", default="best", choices=["best", "last"])
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("compare", help="run every arm x grid point x seed of an experiment and write the report "
+                                       "(no argument: the default study on Fashion-MNIST)")
+    s.add_argument("experiment", nargs="?", help="experiment YAML (base, arms, grid, seeds, baseline)")
+    s.add_argument("overrides", nargs="*", help="dotted overrides applied to every run")
+    s.add_argument("--out", help="comparison directory (default runs/<experiment>)")
+    s.add_argument("--jobs", type=int, default=1, help="runs at once (each gets cores/jobs threads)")
+    s.add_argument("--retry-failed", action="store_true", help="run failed runs again")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=cmd_compare)
+
+    s = sub.add_parser("report", help="write report.md for a comparison directory")
+    s.add_argument("dir")
+    s.set_defaults(func=cmd_report)
 
     s = sub.add_parser("validate", help="check a preset or YAML (+ overrides) and print the resolved config")
     s.add_argument("config")

@@ -160,6 +160,17 @@ def presets() -> List[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
 
 
+def load_yaml_file(path: Path, what: str):
+    """The parsed YAML of ``path`` ({} for an empty file); one-line errors for a missing file or bad YAML."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} file not found: {path}")
+    try:
+        return yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from None
+
+
 def read_yaml(source: str) -> dict:
     """A preset name (``fashion-mnist``, ``fashion-mnist-quick``) or a path to a YAML file."""
     path = Path(source)
@@ -167,12 +178,7 @@ def read_yaml(source: str) -> dict:
         path = PRESET_DIR / f"{source}.yaml"
         if not path.exists():
             raise ValueError(f"unknown preset {source!r}; valid: {', '.join(presets())} (or a path to a .yaml file)")
-    if not path.is_file():
-        raise FileNotFoundError(f"config file not found: {source}")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ValueError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from None
+    data = load_yaml_file(path, "config")
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping with data/model/train sections, got {type(data).__name__}")
     base = data.pop("base", None)
