@@ -41,6 +41,10 @@ def test_two_arm_two_seed_comparison_end_to_end_and_resume(tmp_path, capsys):
     assert "4/4 runs finished" in capsys.readouterr().out
     report = (out / "report.md").read_text()
     assert "| rank | arm |" in report and "rope_axial" in report and "baseline" in report
+    for fig in ("learning_curves", "accuracy_vs_time", "confusion"):
+        assert f"figures/{fig}.png" in report and (out / "figures" / f"{fig}.png").stat().st_size > 1000
+    page = (out / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 3 and page.count("<table>") == 2 and "<td>rope_axial</td>" in page
     finals = {p.parent.name: json.loads(p.read_text()) for p in out.glob("runs/*/final.json")}
     assert set(finals) == {"none-s0", "none-s1", "rope_axial-s0", "rope_axial-s1"}
     splits = {(out / "runs" / n / "split.json").read_text() for n in finals}

@@ -81,6 +81,74 @@ def write_report(out: Path) -> Path:
     if data["others"]:
         lines += ["", "## Runs not finished", "", "| run | state | reason |", "|---|---|---|"]
         lines += [f"| {r['name']} | {r['state']} | {r['reason']} |" for r in data["others"]]
+    if data["finished"]:
+        lines += figures(out, data, [r["group"] for r in rows])
     path = out / "report.md"
     rundir.atomic_write_text(path, "\n".join(lines) + "\n")
+    rundir.atomic_write_text(out / "report.html", to_html(lines, out))
     return path
+
+
+def figures(out: Path, data: dict, order: List[str]) -> List[str]:
+    """Draw the figures into out/figures and return the report lines that show them."""
+    from . import plots
+
+    fig_dir = out / "figures"
+    fig_dir.mkdir(exist_ok=True)
+    runs: Dict[str, List[str]] = {}
+    finals: Dict[str, List[dict]] = {}
+    for r in data["finished"]:
+        runs.setdefault(group_name(r), []).append(r["name"])
+        finals.setdefault(group_name(r), []).append(r["final"])
+    runs = {g: runs[g] for g in order}
+    finals = {g: finals[g] for g in order}
+    split = json.loads((out / "runs" / data["finished"][0]["name"] / "split.json").read_text())
+    classes = split.get("classes") or [str(i) for i in range(len(data["finished"][0]["final"]["confusion"]))]
+    shown = [("Learning curves", plots.learning_curves(out, runs, fig_dir / "learning_curves.png")),
+             ("Accuracy versus training time", plots.accuracy_vs_time(finals, fig_dir / "accuracy_vs_time.png")),
+             ("Confusion matrices (rows: true class, summed over seeds)",
+              plots.confusions(finals, classes, fig_dir / "confusion.png"))]
+    lines = []
+    for title, path in shown:
+        lines += ["", f"## {title}", "", f"![{title}](figures/{path.name})"]
+    return lines
+
+
+def to_html(lines: List[str], out: Path) -> str:
+    """A self-contained HTML page of the markdown lines this module writes (headings, paragraphs,
+    tables, images embedded as base64)."""
+    import base64
+    import html
+
+    body, table = [], []
+
+    def flush_table():
+        if not table:
+            return
+        head, *rest = [[c.strip() for c in row.strip().strip("|").split("|")] for row in table if "---" not in row]
+        body.append("<table><thead><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in head) + "</tr></thead><tbody>"
+                    + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rest)
+                    + "</tbody></table>")
+        table.clear()
+
+    for line in lines:
+        if line.startswith("|"):
+            table.append(line)
+            continue
+        flush_table()
+        if line.startswith("## "):
+            body.append(f"<h2>{html.escape(line[3:])}</h2>")
+        elif line.startswith("# "):
+            body.append(f"<h1>{html.escape(line[2:])}</h1>")
+        elif line.startswith("!["):
+            alt, src = line[2:].split("](", 1)
+            data = base64.b64encode((out / src.rstrip(")")).read_bytes()).decode()
+            body.append(f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">')
+        elif line.strip():
+            body.append(f"<p>{html.escape(line).replace('`', '')}</p>")
+    flush_table()
+    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
+             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
+             "td:nth-child(2),th:nth-child(2){text-align:left}img{max-width:100%}")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>vitlab report</title><style>{style}</style>"
+            f"</head><body>{''.join(body)}</body></html>\n")
