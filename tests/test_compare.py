@@ -8,7 +8,6 @@ from scipy import stats
 
 from vitlab.cli import main
 from vitlab.compare import load_experiment, run_compare
-from vitlab.compare.report import write_report
 from vitlab.compare.stats import mean_ci, paired_test, summarize
 
 EXP = """

@@ -1,14 +1,13 @@
 """Training end to end on synthetic data (and a real Fashion-MNIST subset when installed):
 run directory contents, resume, eval at another resolution, the recipe's parts."""
 import json
-import math
 from pathlib import Path
 
 import pytest
 import torch
 
 from vitlab.cli import main
-from vitlab.config import load_config, validate
+from vitlab.config import load_config
 from vitlab.train import train_run
 from vitlab.train.build import param_groups
 from vitlab.train.loop import lr_lambda

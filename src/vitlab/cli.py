@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import List, Optional
 
 from .models import KERNELS, QK_PES, SIZES, TOKEN_PES
@@ -76,8 +77,7 @@ def cmd_bench(args) -> int:
     return 0
 
 
-def _default_out(cfg_source: str | None, cfg) -> "Path":
-    from pathlib import Path
+def _default_out(cfg_source: str | None, cfg) -> Path:
     stem = Path(cfg_source).stem if cfg_source else "run"
     qk = cfg.model.get("qk_pe", "")
     tag = "-".join(filter(None, [stem, str(cfg.model.get("name", "vit")).replace(":", "_"), qk, f"s{cfg.train.seed}"]))
@@ -85,8 +85,6 @@ def _default_out(cfg_source: str | None, cfg) -> "Path":
 
 
 def cmd_train(args) -> int:
-    from pathlib import Path
-
     from .config import load_config, read_yaml, validate
     from .train import train_run
 
@@ -135,8 +133,6 @@ def cmd_validate(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from pathlib import Path
-
     from .compare import load_experiment, run_compare
     from .compare.report import write_report
 

@@ -36,7 +36,6 @@ class Registry(Generic[T]):
         """Instantiate ``name`` with the ``fixed`` arguments the caller always passes plus user
         ``options``; an option the entry does not take is an error, never silently dropped."""
         factory = self.get(name)
-        params = inspect.signature(factory).parameters
         accepted = list(self.options(name))
         unknown = sorted(set(options or {}) - set(accepted))
         if unknown:

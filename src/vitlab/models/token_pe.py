@@ -1,7 +1,7 @@
 """Token positional encodings: ``forward(tokens, grid) -> tokens``, added to the token sequence."""
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 import torch.nn.functional as F
