@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .models import SIZES, ModelConfig, make_config
+from .models.config import one_line_error
 
 PRESET_DIR = Path(str(resources.files("vitlab") / "configs"))
 
@@ -99,19 +100,6 @@ class RunConfig(BaseModel):
 
     def to_dict(self) -> dict:
         return self.model_dump(mode="json")
-
-
-def _one_line(err: ValidationError) -> str:
-    parts = []
-    for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"])
-        if e["type"] == "extra_forbidden":
-            section = e["loc"][0] if len(e["loc"]) > 1 else None
-            valid = (RunConfig.model_fields[section].annotation.model_fields if section else RunConfig.model_fields)
-            parts.append(f"unknown key {loc!r}; valid: {', '.join((f'{section}.' if section else '') + k for k in valid)}")
-        else:
-            parts.append(f"{loc}: {e['msg'].removeprefix('Value error, ')} (got {e.get('input')!r})")
-    return "; ".join(parts)
 
 
 def parse_overrides(items: List[str]) -> Dict[str, Any]:
@@ -198,7 +186,7 @@ def validate(raw: dict) -> RunConfig:
     try:
         cfg = RunConfig(**raw)
     except ValidationError as err:
-        raise ValueError(f"invalid config: {_one_line(err)}") from None
+        raise ValueError(f"invalid config: {one_line_error(err, RunConfig)}") from None
     name = cfg.model.get("name", "vit")
     if name == "vit":
         unknown = sorted(set(cfg.model) - set(ModelConfig.model_fields) - set(MODEL_EXTRA))

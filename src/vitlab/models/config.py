@@ -109,16 +109,20 @@ class ModelConfig(BaseModel):
         return math.prod(self.grid_shape)
 
 
-def _one_line(err: ValidationError) -> str:
+def one_line_error(err: ValidationError, root: type) -> str:
+    """A pydantic ValidationError as one line: each problem with its dotted key and the value given;
+    an unknown key lists the valid keys of its section (found by walking ``root``'s fields)."""
     parts = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"])
-        msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
-            msg = f"unknown key; valid: {', '.join(ModelConfig.model_fields)}"
-        elif "input" in e and loc:
-            msg = f"{msg} (got {e['input']!r})"
-        parts.append(f"{loc}: {msg}" if loc else msg)
+            cls, prefix = root, ""
+            for part in e["loc"][:-1]:
+                cls, prefix = cls.model_fields[part].annotation, f"{prefix}{part}."
+            parts.append(f"unknown key {loc!r}; valid: {', '.join(prefix + k for k in cls.model_fields)}")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            parts.append(f"{loc}: {msg} (got {e.get('input')!r})" if loc else msg)
     return "; ".join(parts)
 
 
@@ -135,4 +139,4 @@ def make_config(size: str | None = None, **kwargs) -> ModelConfig:
     try:
         return ModelConfig(**base)
     except ValidationError as err:
-        raise ValueError(f"invalid model config: {_one_line(err)}") from None
+        raise ValueError(f"invalid model config: {one_line_error(err, ModelConfig)}") from None
