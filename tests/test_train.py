@@ -86,7 +86,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
         train_run(syn_cfg("train.lr=1e30", "train.clip_grad=null", "train.warmup_epochs=0"), tmp_path / "r",
                   progress=False)
     status = json.loads((tmp_path / "r/status.json").read_text())
-    assert status["status"] == "failed" and "diverged" in status["reason"]
+    assert status["status"] == "diverged" and "diverged: loss" in status["reason"]
 
 
 def test_cli_train_eval_other_resolution_and_resume(tmp_path, capsys):

@@ -218,6 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     import warnings
+
+    from .train.loop import Interrupted
+
     warnings.formatwarning = lambda msg, category, *rest: f"vitlab: warning: {msg}\n"  # one line, no source
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -239,6 +242,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         msg = " ".join(str(err).split())  # one line
         print(f"vitlab: error: {msg}", file=sys.stderr)
         return 2
+    except Interrupted as err:  # SIGINT/SIGTERM in training: checkpoint saved
+        print(f"vitlab: {err}", file=sys.stderr)
+        return 128 + err.signum
 
 
 if __name__ == "__main__":

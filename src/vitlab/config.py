@@ -80,6 +80,10 @@ class TrainSection(BaseModel):
     early_stop_patience: Optional[int] = Field(None, ge=1)
     device: str = "auto"
     threads: int = Field(0, ge=0, description="torch CPU threads (0 = torch's default)")
+    checkpoint_every_min: float = Field(10.0, ge=0, description="also checkpoint mid-epoch this often "
+                                        "(minutes; 0 = at epoch ends only); resume replays from there exactly")
+    diverge_loss: Optional[float] = Field(None, gt=0, description="stop as diverged when a batch loss exceeds "
+                                          "this (None = 10 x ln(classes), ten times chance level)")
 
 
 MODEL_EXTRA = ("name", "size", "pretrained")

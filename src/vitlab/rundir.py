@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import platform
 import subprocess
 import sys
@@ -73,8 +74,15 @@ def load_checkpoint(path: Path) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise FileNotFoundError(f"checkpoint not found: {path}") from None
-    except Exception as err:  # truncated, corrupt, or not a weights-only pickle
-        raise ValueError(f"cannot load checkpoint {path}: {' '.join(str(err).split())[:300]}") from None
+    except pickle.UnpicklingError as err:  # weights_only refused a global: loading it would run code
+        first = ' '.join(str(err).split())
+        if "Weights only load failed" in first or "global" in first.lower():
+            raise ValueError(f"refusing to load {path}: it holds objects other than tensors and plain data "
+                             f"(unpickling it could execute code); only vitlab checkpoints are loaded") from None
+        raise ValueError(f"cannot load checkpoint {path}: it is corrupt ({first[:200]})") from None
+    except Exception as err:  # truncated or corrupt zip archive
+        raise ValueError(f"cannot load checkpoint {path}: truncated or corrupt "
+                         f"({' '.join(str(err).split())[:200]})") from None
 
 
 def set_status(run_dir: Path, status: str, reason: str = "") -> None:

@@ -17,7 +17,7 @@ from .experiment import Experiment, RunSpec
 
 
 def run_state(run: Path) -> str:
-    """finished / failed / partial (a checkpoint to resume from) / new."""
+    """finished / failed / diverged / partial (a checkpoint to resume from: interrupted or killed) / new."""
     status = run / "status.json"
     if status.is_file():
         try:
@@ -26,8 +26,8 @@ def run_state(run: Path) -> str:
             state = "partial"
         if state == "finished" and (run / "final.json").is_file():
             return "finished"
-        if state == "failed":
-            return "failed"
+        if state in ("failed", "diverged"):
+            return state
     return "partial" if (run / "checkpoints" / "last.pt").is_file() else "new"
 
 
@@ -64,7 +64,7 @@ def run_compare(exp: Experiment, out: Path, *, extra: Optional[List[str]] = None
     for spec in specs:
         run = out / "runs" / spec.name
         state = run_state(run)
-        if state == "finished" or (state == "failed" and not retry_failed):
+        if state == "finished" or (state in ("failed", "diverged") and not retry_failed):
             continue
         cfg_file = out / "configs" / f"{spec.name}.yaml"
         rundir.atomic_write_text(cfg_file, dump_yaml(spec.config))

@@ -6,13 +6,17 @@ final.json.
 """
 from __future__ import annotations
 
+import json
 import math
 import random
+import signal
 import sys
+import threading
 import time
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -22,7 +26,9 @@ from .. import rundir
 from ..config import RunConfig, dump_yaml
 from ..eval.metrics import classification_metrics
 from .augment import BatchAugment, match_channels
+from . import distributed
 from .build import build_model, param_groups
+from .distributed import DistInfo
 from .feed import make_feed
 
 
@@ -32,9 +38,13 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def pick_device(name: str) -> torch.device:
+def pick_device(name: str, dinfo: Optional[DistInfo] = None) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        dev = torch.device("cuda", dinfo.local_rank if dinfo is not None else torch.cuda.current_device())
+        torch.cuda.set_device(dev)
+        return dev
     try:
         dev = torch.device(name)
     except RuntimeError:
@@ -81,27 +91,120 @@ class Progress:
             print(line, file=sys.stderr, flush=True)
 
 
+def train_loss(logits: torch.Tensor, y: torch.Tensor, weight: Optional[torch.Tensor], smoothing: float) -> torch.Tensor:
+    """Cross-entropy in float32; hard labels get label smoothing, MixUp/CutMix's soft ones carry theirs."""
+    return F.cross_entropy(logits.float(), y, weight=weight, label_smoothing=smoothing if y.dim() == 1 else 0.0)
+
+
+class Interrupted(Exception):
+    """SIGINT/SIGTERM during training: a checkpoint was saved; ``vitlab train --resume`` continues."""
+
+    def __init__(self, signum: int, run_dir: Path):
+        self.signum, self.run_dir = signum, run_dir
+        name = signal.Signals(signum).name
+        super().__init__(f"{name} received: checkpoint saved; continue with: vitlab train --resume {run_dir}")
+
+
+class Diverged(RuntimeError):
+    pass
+
+
+def rng_state() -> dict:
+    """Every global RNG a run draws from, as plain data (loadable with ``weights_only=True``)."""
+    py = random.getstate()
+    npst = np.random.get_state()
+    return {"python": [py[0], list(py[1]), py[2]],
+            "numpy": [npst[0], torch.from_numpy(npst[1].astype(np.int64)), int(npst[2]), int(npst[3]), float(npst[4])],
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state: dict) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), n[2], n[3], n[4]))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class SignalGuard:
+    """SIGINT/SIGTERM set a flag that the loop checks between optimizer steps (so the checkpoint it
+    saves is a consistent state); a second signal falls through to the previous handler."""
+
+    def __init__(self):
+        self.signum = 0
+        self.previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+        for sig, handler in self.previous.items():  # a second Ctrl-C stops at once
+            signal.signal(sig, handler)
+        print(f"\nvitlab: {signal.Signals(signum).name}: saving a checkpoint at the next step ...",
+              file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def read_metrics(path: Path, epochs: Optional[int] = None) -> list:
+    """metrics.jsonl lines (a torn last line after a crash is dropped); the first ``epochs`` only."""
+    lines = []
+    if path.is_file():
+        for raw in path.read_text().splitlines():
+            try:
+                line = json.loads(raw)
+            except ValueError:
+                continue
+            if epochs is None or line.get("epoch", 0) <= epochs:
+                lines.append(line)
+    return lines
+
+
 @torch.no_grad()
-def predict(model, feed, augment: BatchAugment, batch_size: int, autocast) -> torch.Tensor:
-    """Logits of every item of ``feed`` in order, (N, classes) float32 on the CPU."""
+def predict(model, feed, augment: BatchAugment, batch_size: int, autocast, dinfo: Optional[DistInfo] = None) -> torch.Tensor:
+    """Logits of every item of ``feed`` in order, (N, classes) float32 on the CPU (each rank of a
+    distributed run predicts its contiguous share and the shares are gathered)."""
     model.eval()
+    n, dinfo = len(feed), dinfo or DistInfo()
+    bounds = [n * r // dinfo.world for r in range(dinfo.world + 1)]
     out = []
-    for x, _ in feed.batches(torch.arange(len(feed)), batch_size):
+    for x, _ in feed.batches(torch.arange(bounds[dinfo.rank], bounds[dinfo.rank + 1]), batch_size):
         with autocast():
-            out.append(model(augment.normalize(x)).float().cpu())
-    return torch.cat(out) if out else torch.empty(0)
+            out.append(model(augment.normalize(x)).float())
+    logits = torch.cat(out) if out else torch.empty(0)
+    counts = [bounds[r + 1] - bounds[r] for r in range(dinfo.world)]
+    return distributed.gather_rows(dinfo, logits, counts).cpu()
 
 
 def train_run(cfg: RunConfig, out_dir: Path, *, resume: bool = False, progress: bool = True) -> dict:
-    """Train ``cfg`` into ``out_dir``; returns final.json's content. Resumable at epoch boundaries."""
+    """Train ``cfg`` into ``out_dir``; returns final.json's content.
+
+    Resumable exactly: a checkpoint holds model, optimizer, scheduler, EMA, the epoch and step within
+    it, the epoch's data order and every RNG state, so a run killed at any moment and resumed from
+    its last checkpoint ends with the same weights and metrics as one never stopped (same machine
+    and thread count). Under torchrun it trains data-parallel (see ``distributed``)."""
     from ..data import load_dataset, make_splits, split_to_json
 
     out_dir = Path(out_dir)
     t_cfg, d_cfg = cfg.train, cfg.data
     if t_cfg.threads:
         torch.set_num_threads(t_cfg.threads)
-    device = pick_device(t_cfg.device)
-    seed_everything(t_cfg.seed)
+    dinfo = distributed.from_env()
+    device = pick_device(t_cfg.device, dinfo)
+    distributed.init(dinfo, device)
+    main = dinfo.is_main
+    if dinfo.enabled and t_cfg.batch_size % dinfo.world:
+        raise ValueError(f"train.batch_size={t_cfg.batch_size} must divide by the {dinfo.world} processes")
+    seed_everything(t_cfg.seed + dinfo.rank)  # model init is broadcast from rank 0 by DDP
 
     # ---- data: uint8 tensors, one stratified split shared by every arm (data.split_seed)
     bundle = load_dataset(d_cfg.name, d_cfg.root, limit=d_cfg.limit, seed=d_cfg.split_seed, **d_cfg.source_options())
@@ -112,8 +215,10 @@ def train_run(cfg: RunConfig, out_dir: Path, *, resume: bool = False, progress: 
     num_classes = len(bundle.train.classes)
     in_chans, data_size = train_ds.item_shape[0], tuple(train_ds.item_shape[1:])
 
+    torch.manual_seed(t_cfg.seed)  # identical initial weights on every rank
     model, mcfg = build_model(cfg, in_chans=in_chans, num_classes=num_classes, img_size=data_size)
     model.to(device)
+    torch.manual_seed(t_cfg.seed + dinfo.rank)
     img_size = tuple(mcfg["img_size"]) if mcfg.get("img_size") else data_size
     feed = make_feed(train_ds, device, d_cfg.workers, t_cfg.seed)
     val_feed, test_feed = (make_feed(ds, device, d_cfg.workers, t_cfg.seed) for ds in (val_ds, test_ds))
@@ -127,13 +232,20 @@ def train_run(cfg: RunConfig, out_dir: Path, *, resume: bool = False, progress: 
                            affine_degrees=d_cfg.affine_degrees, affine_translate=d_cfg.affine_translate,
                            affine_scale=d_cfg.affine_scale, channels=channels,
                            label_smoothing=t_cfg.label_smoothing,
-                           img_size=img_size if img_size != data_size else None, seed=t_cfg.seed, device=device)
+                           img_size=img_size if img_size != data_size else None,
+                           seed=t_cfg.seed + 7919 * dinfo.rank, device=device)
+    order_gen = torch.Generator().manual_seed(t_cfg.seed)  # the data order: the same on every rank
 
     # ---- recipe
     optimizer = torch.optim.AdamW(param_groups(model, t_cfg.weight_decay), lr=t_cfg.lr, betas=(0.9, 0.999),
                                   fused=device.type == "cuda")
     n_train = len(feed) * d_cfg.repeated_aug
-    steps_per_epoch = max(1, n_train // (t_cfg.batch_size * t_cfg.accum_steps))
+    batch = t_cfg.batch_size  # global; each of the world's processes takes batch / world of it
+    if n_train < batch * t_cfg.accum_steps:  # a tiny training set: one smaller batch per step
+        batch = max(dinfo.world, n_train // t_cfg.accum_steps // dinfo.world * dinfo.world)
+        warnings.warn(f"only {n_train} training items: batch size {batch} instead of {t_cfg.batch_size}")
+    per_step = batch * t_cfg.accum_steps
+    steps_per_epoch = max(1, n_train // per_step)
     total = steps_per_epoch * t_cfg.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(total, int(t_cfg.warmup_epochs * steps_per_epoch), t_cfg.lr, t_cfg.min_lr))
@@ -147,11 +259,18 @@ def train_run(cfg: RunConfig, out_dir: Path, *, resume: bool = False, progress: 
         ema = ModelEmaV3(model, decay=t_cfg.ema)
     autocast = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if t_cfg.precision == "bf16"
                 else nullcontext)
-    step_model = torch.compile(model) if t_cfg.compile else model
+    diverge_loss = t_cfg.diverge_loss or 10 * math.log(max(num_classes, 2))
+    ddp_model = model
+    if dinfo.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+        ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    step_model = torch.compile(ddp_model) if t_cfg.compile else ddp_model
 
-    # ---- run directory
+    # ---- run directory (rank 0 writes; every rank reads the checkpoint)
     ckpt_dir = out_dir / "checkpoints"
-    start_epoch, best_acc, best_epoch, elapsed = 0, -1.0, -1, 0.0
+    run = {"epoch": 0, "best_acc": -1.0, "best_epoch": -1, "elapsed": 0.0, "patience": t_cfg.early_stop_patience,
+           "done": False, "reason": "", "imgs": 0, "train_time": 0.0, "data_time": 0.0}
+    partial = None  # the interrupted epoch: its order, the step reached, its running sums
     if resume:
         state = rundir.load_checkpoint(ckpt_dir / "last.pt")
         model.load_state_dict(state["model"])
@@ -159,124 +278,184 @@ def train_run(cfg: RunConfig, out_dir: Path, *, resume: bool = False, progress: 
         scheduler.load_state_dict(state["scheduler"])
         if ema is not None and state.get("ema") is not None:
             ema.module.load_state_dict(state["ema"])
-        start_epoch, best_acc, best_epoch, elapsed = state["epoch"], state["best_acc"], state["best_epoch"], state["elapsed"]
-        torch.set_rng_state(state["rng"]["torch"])
-        augment.gen.set_state(state["rng"]["augment"])
-    else:
+        run.update(state["run"])
+        partial = state["partial"]
+        rngs = state["rng"]
+        if len(rngs) != dinfo.world:
+            warnings.warn(f"resuming a {len(rngs)}-process run with {dinfo.world}: the random streams differ")
+        rng = rngs[min(dinfo.rank, len(rngs) - 1)]
+        set_rng_state(rng["global"])
+        augment.gen.set_state(rng["augment"])
+        order_gen.set_state(state["order_gen"])
+        if main:  # drop metrics lines written after this checkpoint (they will be written again)
+            kept = read_metrics(out_dir / "metrics.jsonl", run["epoch"])
+            rundir.atomic_write_text(out_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in kept))
+    elif main:
         out_dir.mkdir(parents=True, exist_ok=True)
         rundir.atomic_write_text(out_dir / "config.yaml", dump_yaml(cfg))
-        rundir.write_json(out_dir / "env.json", rundir.environment(device))
+        rundir.write_json(out_dir / "env.json", {**rundir.environment(device), "world_size": dinfo.world})
         rundir.write_json(out_dir / "split.json", {**split_to_json(split), "source": bundle.source,
                                                    "classes": bundle.train.classes})
-        (out_dir / "metrics.jsonl").write_text("")
-    rundir.set_status(out_dir, "running")
+        rundir.atomic_write_text(out_dir / "metrics.jsonl", "")
+        for stale in ("final.json", "checkpoints/best.pt", "checkpoints/last.pt"):  # --force over an old run
+            (out_dir / stale).unlink(missing_ok=True)
+    if main:
+        rundir.set_status(out_dir, "running")
 
-    def checkpoint(name: str, epoch: int) -> None:
-        rundir.save_checkpoint(ckpt_dir / f"{name}.pt", {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "ema": ema.module.state_dict() if ema is not None else None, "epoch": epoch, "best_acc": best_acc,
-            "best_epoch": best_epoch, "elapsed": elapsed, "norm": {"mean": mean.tolist(), "std": std.tolist()},
-            "rng": {"torch": torch.get_rng_state(), "augment": augment.gen.get_state()}})
+    def checkpoint(name: str, partial_state: Optional[dict]) -> None:
+        rng = {"global": rng_state(), "augment": augment.gen.get_state()}
+        rngs = distributed.gather_objects(dinfo, rng)
+        if main:
+            rundir.save_checkpoint(ckpt_dir / f"{name}.pt", {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "ema": ema.module.state_dict() if ema is not None else None,
+                "run": dict(run), "partial": partial_state, "rng": rngs, "order_gen": order_gen.get_state(),
+                "norm": {"mean": mean.tolist(), "std": std.tolist()}, "world_size": dinfo.world,
+                "epochs": t_cfg.epochs, "steps_per_epoch": steps_per_epoch})
+        distributed.barrier(dinfo)
 
-    status, reason = "finished", ""
-    patience_left = t_cfg.early_stop_patience
+    status = "finished"
     deadline = t_cfg.time_limit_min * 60 if t_cfg.time_limit_min else math.inf
-    imgs_seen, train_time, data_total = 0, 0.0, 0.0
-    epoch = start_epoch
-    for epoch in range(start_epoch, t_cfg.epochs):
-        model.train()
-        t0 = time.perf_counter()
-        order = torch.randperm(len(feed), generator=augment.gen).repeat(d_cfg.repeated_aug)
-        order = order[torch.randperm(order.numel(), generator=augment.gen)] if d_cfg.repeated_aug > 1 else order
-        batches = feed.batches(order[: steps_per_epoch * t_cfg.accum_steps * t_cfg.batch_size], t_cfg.batch_size)
-        bar = Progress(steps_per_epoch, f"epoch {epoch + 1}/{t_cfg.epochs}", progress)
-        loss_sum, n_seen, stop, data_time = 0.0, 0, False, 0.0
-        for step in range(steps_per_epoch):
-            for micro in range(t_cfg.accum_steps):
-                t_data = time.perf_counter()
-                x, y = next(batches)
-                x, y = augment(x, y)
-                data_time += time.perf_counter() - t_data
-                with autocast():
-                    logits = step_model(x)
-                    loss = F.cross_entropy(logits.float(), y, weight=weight,
-                                           label_smoothing=t_cfg.label_smoothing if y.dim() == 1 else 0.0)
-                if not torch.isfinite(loss):
-                    status, reason, stop = "failed", f"diverged: loss is {loss.item()} at epoch {epoch + 1} step {step + 1}", True
+    every = t_cfg.checkpoint_every_min * 60 if t_cfg.checkpoint_every_min else math.inf
+    with SignalGuard() as guard:
+        for epoch in range(run["epoch"], t_cfg.epochs):
+            if run["done"]:
+                break
+            ddp_model.train()
+            if partial is not None:
+                p, partial = partial, None
+                order, step0, sums = p["order"], p["step"], p["sums"]
+            else:
+                order = torch.randperm(len(feed), generator=order_gen).repeat(d_cfg.repeated_aug)
+                if d_cfg.repeated_aug > 1:
+                    order = order[torch.randperm(order.numel(), generator=order_gen)]
+                order, step0 = order[: steps_per_epoch * per_step], 0
+                sums = {"loss": 0.0, "n": 0, "seconds": 0.0, "data": 0.0}
+            mine = order.view(-1, batch)[:, dinfo.slice(batch)].reshape(-1)
+            batches = feed.batches(mine[step0 * t_cfg.accum_steps * (batch // dinfo.world):], batch // dinfo.world)
+            bar = Progress(steps_per_epoch - step0, f"epoch {epoch + 1}/{t_cfg.epochs}", progress and main)
+            t0 = t_ckpt = time.perf_counter()
+            stop = ""
+            for step in range(step0, steps_per_epoch):
+                bad = 0.0
+                for micro in range(t_cfg.accum_steps):
+                    t_data = time.perf_counter()
+                    x, y = next(batches)
+                    x, y = augment(x, y)
+                    sums["data"] += time.perf_counter() - t_data
+                    with autocast():
+                        logits = step_model(x)
+                        loss = train_loss(logits, y, weight, t_cfg.label_smoothing)
+                    value = loss.item()
+                    if not math.isfinite(value) or value > diverge_loss:
+                        bad = value if math.isfinite(value) else math.inf
+                        break
+                    (loss / t_cfg.accum_steps).backward()
+                    sums["loss"] += value * x.shape[0]
+                    sums["n"] += x.shape[0]
+                spent = time.perf_counter() - t0
+                # one small all-reduce per step so every rank takes the same decision
+                bad, signum, late = distributed.all_max(dinfo, bad, guard.signum,
+                                                        float(run["elapsed"] + sums["seconds"] + spent > deadline))
+                if bad:
+                    what = "not finite" if math.isinf(bad) else f"{bad:.3g} > {diverge_loss:.3g}"
+                    run["reason"] = f"diverged: loss {what} at epoch {epoch + 1} step {step + 1}"
+                    status = "diverged"
                     break
-                (loss / t_cfg.accum_steps).backward()
-                loss_sum += loss.item() * x.shape[0]
-                n_seen += x.shape[0]
+                if t_cfg.clip_grad:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), t_cfg.clip_grad)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+                if ema is not None:
+                    ema.update(model)
+                bar.update(1, loss=f"{sums['loss'] / max(1, sums['n']):.4f}",
+                           img_s=f"{sums['n'] * dinfo.world / max(spent + sums['seconds'], 1e-9):.0f}",
+                           eta=f"{spent / (step + 1 - step0) * (steps_per_epoch - step - 1):.0f}s")
+                if late:
+                    stop = f"time limit of {t_cfg.time_limit_min} min reached in epoch {epoch + 1}"
+                    break
+                if step + 1 < steps_per_epoch and (signum or time.perf_counter() - t_ckpt > every):
+                    now = time.perf_counter()
+                    snap = {**sums, "seconds": sums["seconds"] + now - t0}
+                    checkpoint("last", {"order": order, "step": step + 1, "sums": snap})
+                    t_ckpt = time.perf_counter()
+                    if signum:
+                        bar.close(f"epoch {epoch + 1}: interrupted at step {step + 1}/{steps_per_epoch}")
+                        if main:
+                            rundir.set_status(out_dir, "interrupted", f"signal {int(signum)} at epoch {epoch + 1}")
+                        raise Interrupted(int(signum), out_dir)
+            epoch_time = sums["seconds"] + time.perf_counter() - t0
+            if status == "diverged":
+                bar.close(f"epoch {epoch + 1}: {run['reason']}")
+                break
+            loss_sum, n_seen = distributed.all_sum(dinfo, sums["loss"], sums["n"])
+            run["elapsed"] += epoch_time
+            run["train_time"] += epoch_time
+            run["imgs"] += int(n_seen)
+            run["data_time"] += sums["data"]
+            eval_model = ema.module if ema is not None else model
+            val = classification_metrics(
+                predict(eval_model, val_feed, augment, t_cfg.eval_batch_size, autocast, dinfo), val_ds.labels,
+                num_classes)
+            line = {"epoch": epoch + 1, "train_loss": loss_sum / max(1, n_seen), "val_loss": val["loss"],
+                    "val_acc": val["acc1"], "lr": optimizer.param_groups[0]["lr"], "seconds": epoch_time,
+                    "img_s": n_seen / max(epoch_time, 1e-9), "elapsed": run["elapsed"],
+                    "data_share": sums["data"] / max(epoch_time, 1e-9)}  # input pipeline's share of the epoch
+            if main:
+                rundir.append_jsonl(out_dir / "metrics.jsonl", line)
+            run["epoch"] = epoch + 1
+            improved = val["acc1"] > run["best_acc"]
+            if improved:
+                run["best_acc"], run["best_epoch"] = val["acc1"], epoch + 1
+                run["patience"] = t_cfg.early_stop_patience
+                checkpoint("best", None)
+            elif run["patience"] is not None:
+                run["patience"] -= 1
             if stop:
-                break
-            if t_cfg.clip_grad:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), t_cfg.clip_grad)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            if ema is not None:
-                ema.update(model)
-            spent = time.perf_counter() - t0
-            bar.update(1, loss=f"{loss_sum / max(1, n_seen):.4f}", img_s=f"{n_seen / spent:.0f}",
-                       eta=f"{spent / (step + 1) * (steps_per_epoch - step - 1):.0f}s")
-            if elapsed + spent > deadline:
-                status, reason, stop = "finished", f"time limit of {t_cfg.time_limit_min} min reached in epoch {epoch + 1}", True
-                break
-        epoch_time = time.perf_counter() - t0
-        elapsed += epoch_time
-        train_time += epoch_time
-        imgs_seen += n_seen
-        data_total += data_time
-        if status == "failed":
-            bar.close(f"epoch {epoch + 1}: {reason}")
-            break
-        eval_model = ema.module if ema is not None else model
-        val = classification_metrics(predict(eval_model, val_feed, augment, t_cfg.eval_batch_size, autocast),
-                                     val_ds.labels, num_classes)
-        line = {"epoch": epoch + 1, "train_loss": loss_sum / max(1, n_seen), "val_loss": val["loss"],
-                "val_acc": val["acc1"], "lr": optimizer.param_groups[0]["lr"], "seconds": epoch_time,
-                "img_s": n_seen / max(epoch_time, 1e-9), "elapsed": elapsed,
-                "data_share": data_time / max(epoch_time, 1e-9)}  # input pipeline's share of the epoch
-        rundir.append_jsonl(out_dir / "metrics.jsonl", line)
-        improved = val["acc1"] > best_acc
-        if improved:
-            best_acc, best_epoch = val["acc1"], epoch + 1
-            patience_left = t_cfg.early_stop_patience
-            checkpoint("best", epoch + 1)
-        elif patience_left is not None:
-            patience_left -= 1
-        checkpoint("last", epoch + 1)
-        bar.close(f"epoch {epoch + 1}/{t_cfg.epochs}  train_loss {line['train_loss']:.4f}  val_loss {val['loss']:.4f}  "
-                  f"val_acc {val['acc1']:.4f}{' *' if improved else ''}  {line['img_s']:.0f} img/s  {epoch_time:.1f}s  "
-                  f"data {line['data_share']:.1%}")
-        if stop:
-            break
-        if patience_left is not None and patience_left <= 0:
-            reason = f"early stop: no val_acc improvement for {t_cfg.early_stop_patience} epochs"
-            break
+                run["done"], run["reason"] = True, stop
+            elif run["patience"] is not None and run["patience"] <= 0:
+                run["done"] = True
+                run["reason"] = f"early stop: no val_acc improvement for {t_cfg.early_stop_patience} epochs"
+            checkpoint("last", None)
+            bar.close(f"epoch {epoch + 1}/{t_cfg.epochs}  train_loss {line['train_loss']:.4f}  val_loss {val['loss']:.4f}  "
+                      f"val_acc {val['acc1']:.4f}{' *' if improved else ''}  {line['img_s']:.0f} img/s  "
+                      f"{epoch_time:.1f}s  data {line['data_share']:.1%}")
+            if guard.signum and epoch + 1 < t_cfg.epochs and not run["done"]:
+                if main:
+                    rundir.set_status(out_dir, "interrupted", f"signal {guard.signum} after epoch {epoch + 1}")
+                raise Interrupted(guard.signum, out_dir)
 
-    if best_epoch < 0:  # diverged before any epoch finished: nothing to evaluate
-        rundir.set_status(out_dir, "failed", reason)
-        raise RuntimeError(f"run {out_dir} {reason}; no checkpoint was kept")
-    final = evaluate_run(out_dir, cfg, model, augment, test_feed, test_ds.labels, num_classes, device, autocast, mcfg)
-    final.update(epochs=best_epoch if status == "failed" else epoch + 1, best_epoch=best_epoch, seconds=elapsed,
-                 train_images_per_s=imgs_seen / train_time if train_time else None,
-                 data_share=data_total / train_time if train_time else None, status=status, reason=reason)
-    rundir.write_json(out_dir / "final.json", final)
-    rundir.set_status(out_dir, status, reason)
-    if status == "failed":
-        raise RuntimeError(f"run {out_dir} {reason}; the last good checkpoint is kept and evaluated in final.json")
+    if run["best_epoch"] < 0:  # diverged before any epoch finished: nothing to evaluate
+        if main:
+            rundir.set_status(out_dir, status if status == "diverged" else "failed", run["reason"])
+        raise Diverged(f"run {out_dir} {run['reason']}; no epoch finished, so no checkpoint was kept")
+    final = evaluate_run(out_dir, cfg, model, augment, test_feed, test_ds.labels, num_classes, device, autocast,
+                         mcfg, dinfo)
+    train_time = run["train_time"]
+    final.update(epochs=run["epoch"], best_epoch=run["best_epoch"], seconds=run["elapsed"],
+                 train_images_per_s=run["imgs"] / train_time if train_time else None,
+                 data_share=run["data_time"] / train_time if train_time else None, status=status,
+                 reason=run["reason"], world_size=dinfo.world)
+    if main:
+        rundir.write_json(out_dir / "final.json", final)
+        rundir.set_status(out_dir, status, run["reason"])
+    distributed.barrier(dinfo)
+    if status == "diverged":
+        raise Diverged(f"run {out_dir} {run['reason']}; the last good checkpoint is kept and its best epoch "
+                       f"evaluated in final.json")
     return final
 
 
-def evaluate_run(out_dir, cfg, model, augment, test_feed, test_labels, num_classes, device, autocast, mcfg) -> dict:
+def evaluate_run(out_dir, cfg, model, augment, test_feed, test_labels, num_classes, device, autocast, mcfg,
+                 dinfo: Optional[DistInfo] = None) -> dict:
     """Test metrics of the best checkpoint, plus cost figures."""
     from torch.utils.flop_counter import FlopCounterMode
 
     state = rundir.load_checkpoint(Path(out_dir) / "checkpoints" / "best.pt")
     model.load_state_dict(state["ema"] if state.get("ema") is not None else state["model"])
     bs = cfg.train.eval_batch_size
-    logits = predict(model, test_feed, augment, bs, autocast)
+    logits = predict(model, test_feed, augment, bs, autocast, dinfo)
     metrics = classification_metrics(logits, test_labels, num_classes)
     x = augment.normalize(test_feed.sample(bs))
     model.eval()

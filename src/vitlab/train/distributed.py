@@ -1,0 +1,114 @@
+"""Data parallelism under torchrun: one run across processes with DistributedDataParallel.
+
+``torchrun --nproc_per_node N -m vitlab train ...`` sets RANK / WORLD_SIZE / LOCAL_RANK (and the
+rendezvous address); ``vitlab train`` then joins the process group (NCCL on CUDA, gloo on CPU).
+
+How the work is split so that N processes train the same run one process would:
+- every rank draws the same data order (one generator, same seed) and the same global batch of
+  ``train.batch_size`` items, augments it with the same generator state, and keeps its own
+  contiguous slice: rank r takes items [r*B/N, (r+1)*B/N). Augmenting the whole global batch on
+  each rank costs N-fold augmentation work (cheap, batched, on the device) but keeps every
+  random draw identical to the single-process run, so the two agree up to float summation order;
+- DDP averages gradients over ranks, which equals the gradient of the global-batch mean loss
+  because the slices are equal in size (the batch size must divide by the world size);
+- validation and test predictions are computed on slices and gathered, so metrics are those of
+  the whole set; only rank 0 writes files (run directory, checkpoints, final.json).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def slice(self, n: int) -> slice:
+        """This rank's contiguous share of a batch of ``n`` items (n divisible by the world size)."""
+        per = n // self.world
+        return slice(self.rank * per, (self.rank + 1) * per)
+
+
+def from_env() -> DistInfo:
+    """The torchrun environment, or a single process when it is absent."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    return DistInfo(rank=int(os.environ["RANK"]), world=world, local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def init(info: DistInfo, device: torch.device) -> None:
+    """Join the process group (no-op for a single process or when already joined)."""
+    if not info.enabled or dist.is_initialized():
+        return
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, timeout=timedelta(minutes=30))
+
+
+def shutdown(info: DistInfo) -> None:
+    if info.enabled and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_sum(info: DistInfo, *values: float) -> list:
+    """Sum scalars over ranks (float64 on the CPU, which gloo and NCCL-through-CPU both accept)."""
+    if not info.enabled:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t)
+    return t.cpu().tolist()
+
+
+def all_max(info: DistInfo, *values: float) -> list:
+    """Element-wise maximum of scalars over ranks (used for the loop's stop flags)."""
+    if not info.enabled:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.cpu().tolist()
+
+
+def gather_objects(info: DistInfo, obj) -> list:
+    """Every rank's ``obj`` (picklable), in rank order, on every rank."""
+    if not info.enabled:
+        return [obj]
+    out = [None] * info.world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def gather_rows(info: DistInfo, x: torch.Tensor, counts: list) -> torch.Tensor:
+    """Concatenate per-rank row blocks in rank order; ``counts[r]`` is rank r's number of rows."""
+    if not info.enabled:
+        return x
+    width = max(counts)
+    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    pad = torch.zeros((width, *x.shape[1:]), dtype=x.dtype, device=dev)
+    pad[: x.shape[0]] = x.to(dev)
+    parts = [torch.empty_like(pad) for _ in range(info.world)]
+    dist.all_gather(parts, pad)
+    return torch.cat([p[:c] for p, c in zip(parts, counts)]).cpu()
+
+
+def barrier(info: DistInfo) -> None:
+    if info.enabled:
+        dist.barrier()

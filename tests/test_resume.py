@@ -1,0 +1,165 @@
+"""Crash safety: SIGKILL at random moments + resume == never stopped (bit for bit); SIGTERM/SIGINT
+save a checkpoint and exit; unsafe or truncated checkpoints are refused; divergence is marked."""
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from vitlab.cli import main
+from vitlab.soak import differences, killed_run, progress, run_to_end, startup_seconds, train_command
+from vitlab.train.loop import read_metrics
+
+SMALL = ["data.name=synthetic", "data.options.num_classes=4", "data.options.img_size=16",
+         "data.options.n_train=2048", "data.options.n_test=128", "model.patch_size=4", "model.dim=48",
+         "model.depth=2", "model.heads=2", "model.qk_pe=rope_mixed", "model.token_pe=learned",
+         "data.hflip=true", "data.crop_pad=2", "data.mixup=0.2", "data.random_erasing=0.25", "model.drop_path=0.1",
+         "train.batch_size=32", "train.epochs=3", "train.ema=0.9", "train.threads=1",
+         "train.checkpoint_every_min=0.001", "train.eval_batch_size=128"]
+ENV = {**os.environ, "PYTHONHASHSEED": "0"}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref") / "run"
+    wall = run_to_end(out, "fashion-mnist-quick", SMALL, ENV)
+    return out, wall
+
+
+def test_sigkill_at_random_moments_then_resume_is_bit_identical(reference, tmp_path):
+    ref, wall = reference
+    out = tmp_path / "killed"
+    log = []
+    kills = killed_run(out, "fashion-mnist-quick", SMALL, 3, wall, startup_seconds(ENV), seed=1, env=ENV,
+                       log=log.append)
+    assert kills == 3, log
+    assert differences(ref, out) == [], log
+
+
+def test_sigkill_right_after_a_mid_epoch_checkpoint_resumes_exactly(reference, tmp_path):
+    """Deterministic coverage of the mid-epoch case: kill as soon as a checkpoint holds a partial epoch."""
+    ref, _ = reference
+    out = tmp_path / "mid"
+    proc = subprocess.Popen(train_command(out, "fashion-mnist-quick", SMALL), env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    where = ""
+    while proc.poll() is None:
+        try:
+            frac, where = progress(out)
+        except Exception:  # noqa: BLE001 - the checkpoint is being replaced; look again
+            continue
+        if "+ 0 steps" not in where and "steps" in where and frac > 0.3:
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before a mid-epoch checkpoint was seen"
+    assert not (out / "final.json").exists()
+    assert main(["train", "--resume", str(out), "--quiet"]) == 0, where
+    assert differences(ref, out) == [], where
+
+
+def test_sigterm_saves_a_checkpoint_and_resume_matches(reference, tmp_path):
+    ref, _ = reference
+    out = tmp_path / "term"
+    proc = subprocess.Popen(train_command(out, "fashion-mnist-quick", SMALL), env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    while not (out / "checkpoints" / "last.pt").is_file():  # wait until training is under way
+        assert proc.poll() is None, proc.stderr.read()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    if proc.returncode == 0:  # the signal came during the final evaluation, which completes
+        pytest.skip("run finished before SIGTERM landed")
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "SIGTERM" in err and "--resume" in err
+    assert json.loads((out / "status.json").read_text())["status"] == "interrupted"
+    assert not (out / "final.json").exists()
+    assert main(["train", "--resume", str(out), "--quiet"]) == 0
+    assert differences(ref, out) == []
+
+
+def test_interrupted_run_is_resumed_by_compare_runner(tmp_path):
+    from vitlab.compare.runner import run_state
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.pt").write_bytes(b"x")
+    (tmp_path / "status.json").write_text(json.dumps({"status": "interrupted", "reason": "signal 15"}))
+    assert run_state(tmp_path) == "partial"
+    (tmp_path / "status.json").write_text(json.dumps({"status": "diverged", "reason": "loss nan"}))
+    assert run_state(tmp_path) == "diverged"
+
+
+class Payload:
+    def __reduce__(self):
+        return (os.system, ("echo owned > /dev/null",))
+
+
+def test_checkpoint_that_would_run_code_is_refused(tmp_path, capsys):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    assert main(["train", "fashion-mnist-quick", *SMALL, "train.epochs=1", "data.options.n_train=256",
+                 "--out", str(run), "--quiet"]) == 0
+    capsys.readouterr()
+    good = torch.load(run / "checkpoints" / "best.pt", weights_only=True)
+    torch.save({**good, "evil": Payload()}, run / "checkpoints" / "best.pt")
+    assert main(["eval", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "refusing to load" in err and "execute code" in err
+    # a truncated checkpoint: a clear message, for eval and for resume
+    data = (run / "checkpoints" / "last.pt").read_bytes()
+    (run / "checkpoints" / "last.pt").write_bytes(data[: len(data) // 2])
+    assert main(["train", "--resume", str(run), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "truncated or corrupt" in err
+
+
+def test_torn_metrics_line_is_dropped(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"epoch": 1, "val_acc": 0.5}\n{"epoch": 2, "val_acc": 0.6}\n{"epoch": 3, "va')
+    assert [m["epoch"] for m in read_metrics(path)] == [1, 2]
+    assert [m["epoch"] for m in read_metrics(path, epochs=1)] == [1]
+
+
+def test_divergence_after_good_epochs_keeps_the_last_good_checkpoint(tmp_path, capsys, monkeypatch):
+    """The loss turns NaN in epoch 2 (patched loss function): the run stops as diverged, the last good
+    checkpoint (end of epoch 1) is kept, final.json evaluates the best epoch and says diverged."""
+    import vitlab.train.loop as loop
+    calls = {"n": 0}
+    real = loop.train_loss
+
+    def flaky(*args):
+        calls["n"] += 1
+        loss = real(*args)
+        return loss * float("nan") if calls["n"] > 10 else loss  # 8 steps an epoch: NaN in epoch 2
+
+    monkeypatch.setattr(loop, "train_loss", flaky)
+    run = tmp_path / "run"
+    code = main(["train", "fashion-mnist-quick", *SMALL, "train.epochs=3", "data.options.n_train=256",
+                 "train.checkpoint_every_min=0", "--out", str(run), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "diverged: loss not finite at epoch 2 step" in err and err.count("\n") == 1, err
+    status = json.loads((run / "status.json").read_text())
+    final = json.loads((run / "final.json").read_text())
+    assert status["status"] == "diverged" and final["status"] == "diverged" and final["best_epoch"] == 1
+    state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert state["run"]["epoch"] == 1 and state["partial"] is None
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+    assert [m["epoch"] for m in read_metrics(run / "metrics.jsonl")] == [1]
+
+
+def test_exploding_loss_counts_as_divergence(tmp_path):
+    """A finite loss above train.diverge_loss stops the run too (here the bound is below chance level,
+    so the first step trips it and nothing can be evaluated)."""
+    from vitlab.config import load_config
+    from vitlab.train import train_run
+    from vitlab.train.loop import Diverged
+    with pytest.raises(Diverged, match=r"loss .* > 0.5 at epoch 1 step 1; no epoch finished"):
+        train_run(load_config("fashion-mnist-quick", SMALL + ["train.diverge_loss=0.5", "train.epochs=1"]),
+                  tmp_path / "r", progress=False)
+    assert json.loads((tmp_path / "r/status.json").read_text())["status"] == "diverged"
+    assert not (tmp_path / "r/final.json").exists()
