@@ -74,9 +74,10 @@ def test_killed_distributed_run_resumes_exactly(runs, tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both workers
             break
         time.sleep(0.02)
-    proc.wait()
+    proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL, "the run ended before a mid-epoch checkpoint was seen"
-    subprocess.run(torchrun(out, resume=True), check=True, env=ENV, capture_output=True)
+    res = subprocess.run(torchrun(out, resume=True), env=ENV, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
     ref = runs / "two"
     # the checkpoint interval does not change the training, so the resumed run equals the reference
     assert differences(ref, out) == [], where
