@@ -29,6 +29,9 @@ class DataSection(BaseModel):
     limit: Optional[int] = Field(None, ge=1, description="use at most N training images, stratified")
     val_fraction: float = Field(0.1, gt=0, lt=1)
     split_seed: int = Field(0, description="seed of the stratified split: the same for every arm and seed of a comparison")
+    dedupe: bool = Field(False, description="drop perceptual-hash near-duplicates from the pool before splitting "
+                         "(the official test set is kept whole); the leakage check runs either way")
+    dedupe_threshold: int = Field(4, ge=0, le=16, description="near-duplicate: pHash Hamming distance <= this")
     options: Dict[str, Any] = Field(default_factory=dict, description="source-specific options")
     on_bad_image: Literal["skip", "fail"] = Field(
         "skip", description="a corrupt or non-image file in an image folder: skip it (counted warning) or fail")

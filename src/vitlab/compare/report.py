@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Dict, List
 
 from .. import rundir
+from ..data.dedupe import leakage_line
 from .runner import run_state
 from .stats import ALPHA, summarize
 
@@ -60,8 +61,12 @@ def write_report(out: Path) -> Path:
     if m.get("description"):
         lines += [m["description"], ""]
     lines += [f"Base config `{m['base']}`, seeds {m['seeds']}, baseline arm `{m['baseline']}`; every run on the same "
-              f"stratified split. {len(data['finished'])} of {len(m['runs'])} runs finished.", "",
-              "## Ranking (test accuracy)", "",
+              f"stratified split. {len(data['finished'])} of {len(m['runs'])} runs finished.", ""]
+    if data["finished"]:
+        first = out / "runs" / data["finished"][0]["name"] / "split.json"
+        if first.is_file():
+            lines += [leakage_line(json.loads(first.read_text())), ""]
+    lines += ["## Ranking (test accuracy)", "",
               f"Mean ± sample std over seeds, 95% t-interval of the mean, and a two-sided paired t-test "
               f"against the baseline, paired by seed (scipy `ttest_rel`). Differences with p >= {ALPHA} are "
               f"called ties: the seeds do not support ranking them.", "",

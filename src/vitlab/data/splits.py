@@ -5,8 +5,10 @@ import math
 from fractions import Fraction
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 
+from . import dedupe as dedupe_mod
 from .base import DataBundle
 
 Number = Union[float, int, Fraction]
@@ -95,30 +97,56 @@ def stratified_take(labels: torch.Tensor, k: int, seed: int) -> torch.Tensor:
 
 
 def make_splits(bundle: DataBundle, *, val_fraction: float = 0.1, seed: int = 0,
-                test_fraction: float = 0.1) -> Dict[str, object]:
+                test_fraction: float = 0.1, dedupe: bool = False, dedupe_threshold: int = dedupe_mod.DEFAULT_THRESHOLD,
+                check_leakage: bool = True) -> Dict[str, object]:
     """The run's split of ``bundle``.
 
     With an official test set: ``{"train", "val"}`` carved stratified from ``bundle.train`` (val gets
     ``val_fraction``), ``"test": None`` (meaning: use ``bundle.test``), scheme ``"official-test"``.
     Without: a stratified ``(1 - val - test) / val / test`` split of the pool, scheme ``"80/10/10"``
     at the defaults. Index tensors are sorted int64 into ``bundle.train``.
+
+    Leakage check (``check_leakage``, or ``dedupe``): every image (pool and official test set) is
+    perceptual-hashed first; ``"leakage"`` records the near-duplicates (pHash Hamming distance <=
+    ``dedupe_threshold``) and how many val/test images have one on the other side of each boundary
+    (see :func:`vitlab.data.dedupe.leakage_record`). File-backed datasets are hashed only with
+    ``dedupe``. With ``dedupe``, near-duplicates are dropped from the pool before splitting: the
+    official test set is kept whole and pool items near one of its images go; among the rest, in
+    index order, an item goes when it is near one already kept. The split of what remains is
+    stratified and seeded as usual and has no near-duplicate across any boundary.
     """
     for key, f in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
         if not 0 <= f < 1:
             raise ValueError(f"{key} must be in [0, 1), got {f}")
-    labels = bundle.train.labels
-    if bundle.test is not None:
-        train, val = stratified_split(labels, (1 - val_fraction, val_fraction), seed)
-        return {"train": train, "val": val, "test": None, "scheme": "official-test", "seed": int(seed)}
-    if val_fraction + test_fraction >= 1:
+    if bundle.test is None and val_fraction + test_fraction >= 1:
         raise ValueError(f"val_fraction + test_fraction must be < 1, got {val_fraction} + {test_fraction}")
-    fractions = (1 - val_fraction - test_fraction, val_fraction, test_fraction)
-    train, val, test = stratified_split(labels, fractions, seed)
-    scheme = "/".join(f"{100 * f:g}" for f in fractions)
-    return {"train": train, "val": val, "test": test, "scheme": scheme, "seed": int(seed)}
+    threshold = dedupe_mod.check_threshold(dedupe_threshold)
+    n = len(bundle.train)
+    dup = (dedupe_mod.bundle_duplicates(bundle, threshold, streamed=bool(dedupe))
+           if dedupe or check_leakage else None)
+    pool = torch.arange(n)  # the pool items the split draws from: all, or those dedupe keeps
+    if dedupe:
+        fixed = np.r_[np.zeros(n, dtype=bool), np.ones(len(dup.group) - n, dtype=bool)]
+        pool = torch.from_numpy(np.flatnonzero(dedupe_mod.dedupe_keep(dup, fixed)[:n]))
+    labels = bundle.train.labels[pool]
+    if bundle.test is not None:
+        train, val = (pool[p] for p in stratified_split(labels, (1 - val_fraction, val_fraction), seed))
+        split = {"train": train, "val": val, "test": None, "scheme": "official-test", "seed": int(seed)}
+        test = torch.arange(n, n + len(bundle.test))
+    else:
+        fractions = (1 - val_fraction - test_fraction, val_fraction, test_fraction)
+        train, val, test = (pool[p] for p in stratified_split(labels, fractions, seed))
+        scheme = "/".join(f"{100 * f:g}" for f in fractions)
+        split = {"train": train, "val": val, "test": test, "scheme": scheme, "seed": int(seed)}
+    split["leakage"] = None
+    if dedupe or check_leakage:
+        parts = {"train": train.numpy(), "val": val.numpy(), "test": test.numpy()}
+        split["leakage"] = dedupe_mod.leakage_record(dup, threshold, parts, removed=n - len(pool))
+    return split
 
 
 _KEYS = ("train", "val", "test", "scheme", "seed")
+_OPTIONAL = ("leakage",)  # absent from splits made before the leakage check
 
 
 def split_to_json(split: Dict[str, object]) -> Dict[str, object]:
@@ -126,8 +154,10 @@ def split_to_json(split: Dict[str, object]) -> Dict[str, object]:
     missing = [k for k in _KEYS if k not in split]
     if missing:
         raise ValueError(f"split lacks key(s) {missing}; a split has {list(_KEYS)}")
-    return {k: (None if split[k] is None else torch.as_tensor(split[k]).tolist()) if k in ("train", "val", "test")
-            else split[k] for k in _KEYS}
+    out = {k: (None if split[k] is None else torch.as_tensor(split[k]).tolist()) if k in ("train", "val", "test")
+           else split[k] for k in _KEYS}
+    out.update({k: split[k] for k in _OPTIONAL if k in split})
+    return out
 
 
 def split_from_json(d: Dict[str, object]) -> Dict[str, object]:
@@ -135,7 +165,7 @@ def split_from_json(d: Dict[str, object]) -> Dict[str, object]:
     missing = [k for k in _KEYS if k not in d]
     if missing:
         raise ValueError(f"split.json lacks key(s) {missing}; a split has {list(_KEYS)}")
-    out: Dict[str, Optional[object]] = {k: d[k] for k in _KEYS}
+    out: Dict[str, Optional[object]] = {k: d[k] for k in _KEYS + _OPTIONAL if k in d}
     for k in ("train", "val", "test"):
         out[k] = None if d[k] is None else torch.tensor(d[k], dtype=torch.int64).reshape(-1)
     return out

@@ -208,7 +208,8 @@ def train_run(cfg: RunConfig, out_dir: Path, *, resume: bool = False, progress: 
 
     # ---- data: uint8 tensors, one stratified split shared by every arm (data.split_seed)
     bundle = load_dataset(d_cfg.name, d_cfg.root, limit=d_cfg.limit, seed=d_cfg.split_seed, **d_cfg.source_options())
-    split = make_splits(bundle, val_fraction=d_cfg.val_fraction, seed=d_cfg.split_seed)
+    split = make_splits(bundle, val_fraction=d_cfg.val_fraction, seed=d_cfg.split_seed, dedupe=d_cfg.dedupe,
+                        dedupe_threshold=d_cfg.dedupe_threshold)  # perceptual-hash leakage check first
     train_ds = bundle.train.subset(split["train"])
     val_ds = bundle.train.subset(split["val"])
     test_ds = bundle.test if split["test"] is None else bundle.train.subset(split["test"])
