@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,6 +25,26 @@ def torchrun(out, *extra, resume=False, **kw):
            "-m", "vitlab", "train", "--quiet"]
     cmd += ["--resume", str(out)] if resume else ["fashion-mnist-quick", *CFG, *extra, "--out", str(out), "--force"]
     return cmd
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants, children first read from /proc (Linux)."""
+    def children(p):
+        try:
+            text = Path(f"/proc/{p}/task/{p}/children").read_text()
+        except OSError:
+            return []
+        return [int(c) for c in text.split()]
+    todo, found = [pid], []
+    while todo:
+        p = todo.pop()
+        found.append(p)
+        todo += children(p)
+    for p in found:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 @pytest.fixture(scope="module")
@@ -71,10 +92,11 @@ def test_killed_distributed_run_resumes_exactly(runs, tmp_path):
         except Exception:  # noqa: BLE001 - being replaced; look again
             continue
         if "+ 0 steps" not in where and "steps" in where:
-            os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both workers
+            kill_tree(proc.pid)  # torchrun and both workers (which run in sessions of their own)
             break
         time.sleep(0.02)
     proc.wait(timeout=60)
+    time.sleep(0.5)  # let the kernel reap the workers before the resumed run starts
     assert proc.returncode == -signal.SIGKILL, "the run ended before a mid-epoch checkpoint was seen"
     res = subprocess.run(torchrun(out, resume=True), env=ENV, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]

@@ -325,7 +325,9 @@ def train_run(cfg: RunConfig, out_dir: Path, *, resume: bool = False, progress: 
             ddp_model.train()
             if partial is not None:
                 p, partial = partial, None
-                order, step0, sums = p["order"], p["step"], p["sums"]
+                order, step0, sums = p["order"], p["step"], dict(p["sums"])
+                if not main:  # the saved running sums are the whole world's; rank 0 carries them
+                    sums.update(loss=0.0, n=0)
             else:
                 order = torch.randperm(len(feed), generator=order_gen).repeat(d_cfg.repeated_aug)
                 if d_cfg.repeated_aug > 1:
@@ -356,8 +358,9 @@ def train_run(cfg: RunConfig, out_dir: Path, *, resume: bool = False, progress: 
                     sums["n"] += x.shape[0]
                 spent = time.perf_counter() - t0
                 # one small all-reduce per step so every rank takes the same decision
-                bad, signum, late = distributed.all_max(dinfo, bad, guard.signum,
-                                                        float(run["elapsed"] + sums["seconds"] + spent > deadline))
+                bad, signum, late, due = distributed.all_max(
+                    dinfo, bad, guard.signum, float(run["elapsed"] + sums["seconds"] + spent > deadline),
+                    float(time.perf_counter() - t_ckpt > every))
                 if bad:
                     what = "not finite" if math.isinf(bad) else f"{bad:.3g} > {diverge_loss:.3g}"
                     run["reason"] = f"diverged: loss {what} at epoch {epoch + 1} step {step + 1}"
@@ -376,9 +379,10 @@ def train_run(cfg: RunConfig, out_dir: Path, *, resume: bool = False, progress: 
                 if late:
                     stop = f"time limit of {t_cfg.time_limit_min} min reached in epoch {epoch + 1}"
                     break
-                if step + 1 < steps_per_epoch and (signum or time.perf_counter() - t_ckpt > every):
+                if step + 1 < steps_per_epoch and (signum or due):
                     now = time.perf_counter()
-                    snap = {**sums, "seconds": sums["seconds"] + now - t0}
+                    total_loss, total_n = distributed.all_sum(dinfo, sums["loss"], sums["n"])  # all ranks'
+                    snap = {**sums, "loss": total_loss, "n": int(total_n), "seconds": sums["seconds"] + now - t0}
                     checkpoint("last", {"order": order, "step": step + 1, "sums": snap})
                     t_ckpt = time.perf_counter()
                     if signum:
@@ -422,10 +426,11 @@ def train_run(cfg: RunConfig, out_dir: Path, *, resume: bool = False, progress: 
             bar.close(f"epoch {epoch + 1}/{t_cfg.epochs}  train_loss {line['train_loss']:.4f}  val_loss {val['loss']:.4f}  "
                       f"val_acc {val['acc1']:.4f}{' *' if improved else ''}  {line['img_s']:.0f} img/s  "
                       f"{epoch_time:.1f}s  data {line['data_share']:.1%}")
-            if guard.signum and epoch + 1 < t_cfg.epochs and not run["done"]:
+            signum = int(distributed.all_max(dinfo, guard.signum)[0])  # every rank stops, or none
+            if signum and epoch + 1 < t_cfg.epochs and not run["done"]:
                 if main:
-                    rundir.set_status(out_dir, "interrupted", f"signal {guard.signum} after epoch {epoch + 1}")
-                raise Interrupted(guard.signum, out_dir)
+                    rundir.set_status(out_dir, "interrupted", f"signal {signum} after epoch {epoch + 1}")
+                raise Interrupted(signum, out_dir)
 
     if run["best_epoch"] < 0:  # diverged before any epoch finished: nothing to evaluate
         if main:
