@@ -151,3 +151,17 @@ def test_single_token_differential_entropy_is_finite():
     m = vitlab.create_model(img_size=4, patch_size=4, dim=32, depth=1, heads=2, num_cls=0, pool="mean",
                             attn="differential_entropy").eval()
     assert torch.isfinite(m(torch.randn(1, 3, 4, 4))).all()
+
+
+@pytest.mark.parametrize("qk_pe", ["none", "rope_axial", "rope_mixed", "pope", "string_cayley", "string_reflection"])
+@pytest.mark.parametrize("token_pe", ["learned", "sincos"])
+def test_a_model_evaluated_under_inference_mode_first_still_trains(qk_pe, token_pe):
+    """Position tables are cached on the grid; built first under torch.inference_mode() they must not
+    be inference tensors, which autograd refuses to save when the model later trains."""
+    m = vitlab.create_model(img_size=16, patch_size=4, in_chans=3, num_classes=4, dim=32, depth=1, heads=2,
+                            qk_pe=qk_pe, token_pe=token_pe)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.inference_mode():
+        m.eval()(x)
+    m.train()(x).sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters() if p.requires_grad)

@@ -57,14 +57,68 @@ def scaled_scores(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tenso
     return s.view(b, h, n, -1)
 
 
-def sdpa(q, k, v, scale: float, dropout: float, training: bool) -> torch.Tensor:
-    """Softmax attention by the fastest correct route.
+def fused_route(device_type: str, dtype: torch.dtype, qk_dim: int, v_dim: int) -> bool:
+    """Whether :func:`sdpa` hands q/k/v to torch's fused ``scaled_dot_product_attention``.
 
-    torch's fused SDPA, except where it is slower than the written-out arithmetic (measured on
-    the CPU of BENCHMARKS.md, forward + backward, (128, 4, 65, 48)): in bf16/fp16 on CPU its
-    flash kernel took 42 ms against 7 ms written out, and when q/k are wider than v (PoPE) it
-    falls back to a math path that is slower than ours. On CUDA and in fp32 on CPU it is used."""
-    if (q.device.type == "cpu" and q.dtype != torch.float32) or q.shape[-1] != v.shape[-1]:
+    Always on CUDA: with bf16/fp16 q/k/v (autocast) torch picks its flash kernel when q/k and v
+    have the same head dim and the memory-efficient one when q/k are wider (PoPE; that kernel only
+    needs the q/k widths equal and every width a multiple of 8 in half precision). On CPU only
+    in fp32 with equal widths: there the written-out arithmetic is faster (measured on the CPU
+    of BENCHMARKS.md, forward + backward, (128, 4, 65, 48): bf16 flash 42 ms against 7 ms
+    written out; with q/k wider than v torch falls back to a slower math path)."""
+    if device_type == "cpu":
+        return dtype == torch.float32 and qk_dim == v_dim
+    return True
+
+
+class _SoftmaxAttention(torch.autograd.Function):
+    """softmax(scale q k^T) v for (B, H, N, dq) q/k and (B, H, M, dv) v, written out with a
+    hand-written backward: the route when q/k and v widths differ (PoPE's 2d-wide q/k) on CPU.
+
+    Against autograd over the same three ops it saves the backward's two full passes of
+    ``* scale`` over the 2d-wide q/k gradients (the scale rides in the GEMMs' alpha each way),
+    returns the key gradient in k's layout rather than transposed, and runs the softmax backward
+    in place (the forward softmax not: out= aliasing its input took 1.2 ms against 0.7 ms on the
+    (512, 65, 65) scores). Same arithmetic, same dtypes; first-order gradients only (nothing in
+    vitlab differentiates twice)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale):
+        b, h, n, dq = q.shape
+        m, dv = k.shape[2], v.shape[-1]
+        qf, kf = q.reshape(b * h, n, dq), k.reshape(b * h, m, dq)
+        s = torch.baddbmm(qf.new_empty(()).expand(b * h, n, m), qf, kf.transpose(1, 2), beta=0.0, alpha=scale)
+        p = s.softmax(dim=-1)
+        vf = v.reshape(b * h, m, dv).to(p.dtype)
+        ctx.save_for_backward(qf, kf, vf, p)
+        ctx.scale, ctx.v_dtype = scale, v.dtype
+        return torch.bmm(p, vf).view(b, h, n, dv)
+
+    @staticmethod
+    def backward(ctx, go):
+        qf, kf, vf, p = ctx.saved_tensors
+        b, h, n, dv = go.shape
+        gof = go.reshape(b * h, n, dv).to(p.dtype)
+        gq = gk = gv = None
+        if ctx.needs_input_grad[2]:
+            gv = torch.bmm(p.transpose(1, 2), gof).view(b, h, -1, dv).to(ctx.v_dtype)
+        gs = torch.bmm(gof, vf.transpose(1, 2))  # dL/dp, then dL/ds in place
+        gs = torch._softmax_backward_data(gs, p, -1, p.dtype, grad_input=gs)
+        empty = gs.new_empty(())
+        if ctx.needs_input_grad[0]:
+            gq = torch.baddbmm(empty.expand(qf.shape), gs, kf, beta=0.0, alpha=ctx.scale).view(b, h, n, -1)
+        if ctx.needs_input_grad[1]:
+            gk = torch.baddbmm(empty.expand(kf.shape), gs.transpose(1, 2), qf, beta=0.0,
+                               alpha=ctx.scale).view(b, h, -1, kf.shape[-1])
+        return gq, gk, gv, None
+
+
+def sdpa(q, k, v, scale: float, dropout: float, training: bool) -> torch.Tensor:
+    """Softmax attention by the fastest correct route (:func:`fused_route`)."""
+    if not fused_route(q.device.type, q.dtype, q.shape[-1], v.shape[-1]):
+        if (q.shape[-1] != v.shape[-1] and not (dropout and training) and q.dim() == 4
+                and not torch.compiler.is_compiling()):
+            return _SoftmaxAttention.apply(q, k, v, scale)  # PoPE; compiled graphs fuse the plain ops
         a = F.dropout(scaled_scores(q, k, scale).softmax(dim=-1), dropout, training)
         return a @ v.to(a.dtype)
     return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout if training else 0.0, scale=scale)

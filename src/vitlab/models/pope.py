@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .positions import pad_prefix
@@ -26,6 +27,7 @@ def softplus_fwd(x: torch.Tensor) -> torch.Tensor:
 class PolarProject(torch.autograd.Function):
     """out = [softplus(x) * cos, softplus(x) * sin], (..., d) -> (..., 2d), in one pass each way.
 
+    The reference form of PoPE's polar map (the model runs :class:`PolarEmbed`, tested equal).
     A hand-written backward (d softplus = sigmoid) replaces autograd's chain of a dozen elementwise
     kernels; ``cos``/``sin`` may broadcast against x and receive reduced gradients (PoPE's key
     tables carry the learned phase bias)."""
@@ -53,6 +55,56 @@ class PolarProject(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             gsin = (g2 * m).sum_to_size(sin.shape)
         return gx, gcos, gsin
+
+
+class PolarEmbed(torch.autograd.Function):
+    """PoPE's polar map of q or k, (..., d) -> (..., 2d), in few passes each way (PoPE's hot path).
+
+    out = [t * tab[0], t * tab[1]] with t = log2(1 + e^x) = softplus(x) / ln2 and position-only
+    tables tab = ln2 [cos phi, sin phi] of shape (2, ..., d), broadcasting against x. That is
+    :class:`PolarProject`'s [softplus(x) cos, softplus(x) sin] (DESIGN section 3, ``pope``), with
+    the ln2 moved into tables built once per grid (queries) or per layer (keys: phi + delta), so a
+    magnitude costs one exp2 and one log2 (the fast CPU kernels, BENCHMARKS.md notes):
+
+        t = max(log2(1 + 2^min(y, 64)), y),   y = x log2(e)
+
+    The min keeps 2^y finite; beyond it (x > 44.4) log2(1 + 2^y) = y in float32 and the max picks
+    y. y is staged in the output's second half, so the forward allocates only ``out`` and ``t``.
+
+    Backward: dt/dx = sigmoid(x) / ln2, so gx = (g1 cos + g2 sin) sigmoid(x) (g1, g2: the output
+    gradient's halves); the tables get sum(g1 t), sum(g2 t) over their broadcast dims (keys:
+    delta learns through them). The tables must not broadcast x to a larger shape."""
+
+    @staticmethod
+    def forward(ctx, x, tab):
+        d = x.shape[-1]
+        out = x.new_empty(x.shape[:-1] + (2 * d,))
+        y = torch.mul(x, _LOG2E, out=out[..., d:])
+        t = torch.clamp_max(y, 64.0).exp2_().add_(1.0).log2_()
+        torch.maximum(t, y, out=t)
+        torch.mul(t, tab[0], out=out[..., :d])
+        torch.mul(t, tab[1], out=out[..., d:])  # overwrites y
+        ctx.save_for_backward(x, t if ctx.needs_input_grad[1] else None, tab)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, t, tab = ctx.saved_tensors
+        d = x.shape[-1]
+        g1, g2 = grad[..., :d], grad[..., d:]
+        gx = gtab = None
+        if ctx.needs_input_grad[0]:
+            cs = tab * (1.0 / _LN2)  # [cos, sin]: d(t ln2)/dx = sigmoid(x)
+            gx = torch.mul(g1, cs[0]).addcmul_(g2, cs[1]).mul_(torch.sigmoid(x))
+        if ctx.needs_input_grad[1]:
+            lead = tuple(range(x.dim() - tab.dim() + 1))  # dims of x the tables do not have
+
+            def reduce(g):
+                g = torch.mul(g, t)
+                return (g.sum(lead) if lead else g).sum_to_size(tab.shape[1:])
+
+            gtab = torch.stack([reduce(g1), reduce(g2)])
+        return gx, gtab
 
 
 @QK_PES.register("pope", "PoPE: softplus magnitudes, position-only phases, learned key phase bias; q/k twice as wide")
@@ -90,10 +142,17 @@ class PoPE(QKPE):
         self.delta = nn.Parameter(torch.zeros(num_heads, 1, head_dim))  # (H, 1, d) phase bias
 
     def phases(self, grid):
-        key = ("pope", self.head_dim, self.base)
-        if key not in grid.cache:
-            grid.cache[key] = coords_dot(grid.coords, self.freqs)  # (N_patch, d), float32
-        return grid.cache[key]
+        return grid.cached(("pope", self.head_dim, self.base),
+                           lambda: coords_dot(grid.coords, self.freqs))  # (N_patch, d), float32
+
+    def query_tables(self, grid):
+        """ln2 [cos phi, sin phi], (2, N, d) float32, for :class:`PolarEmbed`: position only, so built
+        once per grid and shared by every layer (prefix rows: phase 0)."""
+        def build():
+            phi = pad_prefix(self.phases(grid), grid.num_prefix)
+            return torch.stack([phi.cos(), phi.sin()]).mul_(_LN2)
+
+        return grid.cached(("pope-query", self.head_dim, self.base), build)
 
     def forward(self, q, k, grid):
         dtype = q.dtype
@@ -102,8 +161,16 @@ class PoPE(QKPE):
         # plain clamp would pass no gradient and the bias could never learn.
         delta = self.delta.float()
         delta = delta + (delta.clamp(-2 * math.pi, 0.0) - delta).detach()  # (H, 1, d)
-        phi_q = pad_prefix(phi, grid.num_prefix)  # (N, d)
         phi_k = pad_prefix(phi + delta, grid.num_prefix)  # (H, N, d)
-        q = PolarProject.apply(q.float(), phi_q.cos(), phi_q.sin())  # (B, H, N, 2d)
-        k = PolarProject.apply(k.float(), phi_k.cos(), phi_k.sin())
+        if torch.compiler.is_compiling():
+            # The same arithmetic as one expression, which the compiler fuses; PolarEmbed's out=
+            # writes into views would break the graph.
+            phi_q = pad_prefix(phi, grid.num_prefix)  # (N, d)
+            mq, mk = F.softplus(q.float()), F.softplus(k.float())
+            q = torch.cat([mq * phi_q.cos(), mq * phi_q.sin()], dim=-1)
+            k = torch.cat([mk * phi_k.cos(), mk * phi_k.sin()], dim=-1)
+            return q.to(dtype), k.to(dtype)
+        tab_k = torch.stack([phi_k.cos(), phi_k.sin()]) * _LN2  # (2, H, N, d)
+        q = PolarEmbed.apply(q.float(), self.query_tables(grid))  # (B, H, N, 2d)
+        k = PolarEmbed.apply(k.float(), tab_k)
         return q.to(dtype), k.to(dtype)

@@ -29,6 +29,15 @@ class Grid:
     #: position tables that depend only on the grid (RoPE's cos/sin, sincos tables), built once
     cache: dict = field(default_factory=dict, repr=False)
 
+    def cached(self, key, build):
+        """``cache[key]``, built by ``build()`` on first use. Built outside inference mode: a table
+        first made under ``torch.inference_mode()`` (say an evaluation before training) would be an
+        inference tensor, which autograd refuses to save when the model later trains."""
+        if key not in self.cache:
+            with torch.inference_mode(False):
+                self.cache[key] = build()
+        return self.cache[key]
+
     @property
     def ndim(self) -> int:
         return len(self.shape)
@@ -54,7 +63,8 @@ def grid_coords(shape: Tuple[int, ...], device=None) -> torch.Tensor:
 
 
 def make_grid(shape: Tuple[int, ...], num_prefix: int, device=None) -> Grid:
-    return Grid(tuple(int(s) for s in shape), int(num_prefix), grid_coords(tuple(shape), device=device))
+    with torch.inference_mode(False):  # grids are cached across calls: see Grid.cached
+        return Grid(tuple(int(s) for s in shape), int(num_prefix), grid_coords(tuple(shape), device=device))
 
 
 def pad_prefix(table: torch.Tensor, num_prefix: int, value: float = 0.0) -> torch.Tensor:

@@ -115,7 +115,15 @@ class _Rotate(torch.autograd.Function):
 
 def rope_rotate(x: torch.Tensor, cos2: torch.Tensor, sin2: torch.Tensor) -> torch.Tensor:
     """Rotate channel pairs (j, j + d/2) of x (..., N, d) by the tables of :func:`rope_tables`,
-    in float32; returns x's dtype."""
+    in float32; returns x's dtype.
+
+    Under ``torch.compile`` the same arithmetic is written as one expression, which the compiler
+    fuses (with its backward) into single kernels; :class:`_Rotate`'s ``out=`` writes into views
+    would break the graph at every rotation."""
+    if torch.compiler.is_compiling():
+        xf = x.float()
+        h = xf.shape[-1] // 2
+        return (xf * cos2 + torch.cat([xf[..., h:], xf[..., :h]], dim=-1) * sin2).to(x.dtype)
     return _Rotate.apply(x.float(), cos2, sin2).to(x.dtype)
 
 

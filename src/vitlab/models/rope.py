@@ -29,10 +29,8 @@ class RopeAxial(QKPE):
 
     def tables(self, grid: Grid):
         # Same for every layer and head: built once per grid and shared through the grid's cache.
-        key = ("rope_axial", self.head_dim, self.theta, self.axis_pairs)
-        if key not in grid.cache:
-            grid.cache[key] = rope_tables(coords_dot(grid.coords, self.freqs), grid.num_prefix)  # (N, d) each
-        return grid.cache[key]
+        return grid.cached(("rope_axial", self.head_dim, self.theta, self.axis_pairs),  # (N, d) each
+                           lambda: rope_tables(coords_dot(grid.coords, self.freqs), grid.num_prefix))
 
     def forward(self, q, k, grid):
         cos2, sin2 = self.tables(grid)

@@ -81,10 +81,9 @@ class SinCosPE(TokenPE):
         self.base = float(base)
 
     def forward(self, tokens, grid):
-        key = ("sincos", self.dim, self.base)
-        if key not in grid.cache:
-            grid.cache[key] = pad_prefix(sincos_table(grid.coords, self.dim, self.base), grid.num_prefix)
-        return tokens + grid.cache[key].to(tokens.dtype)
+        table = grid.cached(("sincos", self.dim, self.base),
+                            lambda: pad_prefix(sincos_table(grid.coords, self.dim, self.base), grid.num_prefix))
+        return tokens + table.to(tokens.dtype)
 
 
 @TOKEN_PES.register("learned3d", "factorised learned 3D table: row, column, depth tables (dim/3 each) concatenated")

@@ -1,0 +1,147 @@
+"""The GPU fast path, checked on the CPU: which attention route each q/k PE and kernel takes, and
+that the tensors handed to torch's fused SDPA under bf16 autocast are ones its flash /
+memory-efficient CUDA kernels accept; train.precision=auto; bench's device errors and --compile."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import vitlab
+from vitlab.models import kernels
+
+
+def flash_ok(q, k, v):
+    """torch's CUDA flash-attention constraints (aten/src/ATen/native/transformers/cuda/sdp_utils.cpp:
+    check_tensor_shapes, check_last_dim_stride_equals_1, check_dtypes_low_precision,
+    check_head_dim_size_flash): 4-D, fp16/bf16 alike, last dim contiguous, equal head dims,
+    a multiple of 8 and at most 256."""
+    d = q.shape[-1]
+    return (all(t.dim() == 4 and t.stride(-1) == 1 and t.dtype == q.dtype for t in (q, k, v))
+            and q.dtype in (torch.bfloat16, torch.float16) and k.shape[-1] == d == v.shape[-1]
+            and d % 8 == 0 and d <= 256)
+
+
+def efficient_ok(q, k, v):
+    """The memory-efficient kernel's (check_head_dim_size_mem_efficient): q/k widths equal, every width
+    a multiple of 8 in half precision; v may be narrower than q/k."""
+    return (all(t.dim() == 4 and t.stride(-1) == 1 and t.dtype == q.dtype for t in (q, k, v))
+            and q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] == k.shape[-1]
+            and q.shape[-1] % 8 == 0 and v.shape[-1] % 8 == 0)
+
+
+def test_routes():
+    assert kernels.fused_route("cuda", torch.bfloat16, 32, 32) and kernels.fused_route("cuda", torch.bfloat16, 64, 32)
+    assert kernels.fused_route("cuda", torch.float32, 32, 32)
+    assert kernels.fused_route("cpu", torch.float32, 32, 32)
+    assert not kernels.fused_route("cpu", torch.bfloat16, 32, 32)  # written out: faster on CPU
+    assert not kernels.fused_route("cpu", torch.float32, 64, 32)  # PoPE on CPU
+
+
+@pytest.mark.parametrize("qk_pe", ["none", "rope_axial", "rope_mixed", "string_cayley", "string_reflection", "pope"])
+@pytest.mark.parametrize("attn", ["standard", "differential", "diffsim"])
+def test_qk_pes_hand_sdpa_flash_eligible_bf16_tensors(qk_pe, attn, monkeypatch):
+    """Under bf16 autocast, as on CUDA (the route forced to the fused one), every kernel that uses SDPA
+    gets bf16, last-dim-contiguous q/k/v: flash-eligible where q/k and v are equally wide; PoPE's
+    twice-wide q/k, and the differential kernels' twice-wide values (2d per differential head, as
+    in the reference code), go to the memory-efficient kernel. The rotations themselves run in
+    float32 (their tables are float32 and autocast does not touch them)."""
+    real = F.scaled_dot_product_attention
+    seen = []
+
+    def recorder(q, k, v, *args, **kwargs):
+        seen.append((q, k, v))
+        return real(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(kernels, "fused_route", lambda *a: True)
+    monkeypatch.setattr(F, "scaled_dot_product_attention", recorder)
+    model = vitlab.create_model(img_size=16, patch_size=4, in_chans=3, num_classes=4, dim=64, depth=2, heads=2,
+                                qk_pe=qk_pe, attn=attn)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(torch.randn(2, 3, 16, 16)).float().sum().backward()
+    calls_per_block = 2 if attn == "differential" else 1
+    assert len(seen) == 2 * calls_per_block
+    for q, k, v in seen:
+        assert q.dtype == k.dtype == v.dtype == torch.bfloat16
+        wide_qk, wide_v = qk_pe == "pope", attn == "differential"
+        if wide_qk == wide_v:  # pope + differential: both twice as wide
+            assert q.shape[-1] == v.shape[-1] and flash_ok(q, k, v), (q.shape, q.stride(), v.shape, v.stride())
+        else:
+            assert q.shape[-1] != v.shape[-1] and not flash_ok(q, k, v) and efficient_ok(q, k, v)
+
+
+def test_cpu_bf16_keeps_the_written_out_path(monkeypatch):
+    called = []
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **k: called.append(1))
+    model = vitlab.create_model(img_size=16, patch_size=4, in_chans=3, num_classes=4, dim=64, depth=1, heads=2,
+                                qk_pe="rope_axial")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model(torch.randn(2, 3, 16, 16)).shape == (2, 4)
+    assert not called
+
+
+def test_rope_rotation_under_compile_is_the_same_arithmetic(monkeypatch):
+    from vitlab.models.qk_base import rope_rotate, rope_tables
+
+    x = torch.randn(2, 3, 10, 16, requires_grad=True)
+    cos2, sin2 = rope_tables(torch.randn(3, 10, 8), num_prefix=0)
+    eager = rope_rotate(x, cos2, sin2)
+    (g_eager,) = torch.autograd.grad(eager.pow(2).sum(), x)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    traced = rope_rotate(x, cos2, sin2)
+    (g_traced,) = torch.autograd.grad(traced.pow(2).sum(), x)
+    torch.testing.assert_close(traced, eager, rtol=0, atol=1e-6)
+    torch.testing.assert_close(g_traced, g_eager, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("qk_pe", ["rope_axial", "rope_mixed", "string_cayley"])
+def test_rope_family_compiles_to_one_graph(qk_pe):
+    import torch._dynamo
+
+    model = vitlab.create_model(img_size=16, patch_size=4, in_chans=3, num_classes=4, dim=64, depth=2, heads=2,
+                                qk_pe=qk_pe)
+    torch._dynamo.reset()
+    report = torch._dynamo.explain(model)(torch.randn(2, 3, 16, 16))
+    assert report.graph_break_count == 0, report.break_reasons
+
+
+def test_precision_auto():
+    from vitlab.config import load_config
+    from vitlab.train.loop import resolve_precision
+
+    assert load_config("fashion-mnist-quick", ["train.precision=auto"]).train.precision == "auto"
+    from vitlab.config import TrainSection
+    assert TrainSection().precision == "auto"
+    assert resolve_precision("auto", torch.device("cpu")) == "fp32"  # the CPU default is unchanged
+    assert resolve_precision("bf16", torch.device("cpu")) == "bf16"
+
+
+def test_precision_auto_is_bf16_on_a_bf16_gpu(monkeypatch):
+    from vitlab.train.loop import resolve_precision
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert resolve_precision("auto", torch.device("cuda", 0)) == "bf16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert resolve_precision("auto", torch.device("cuda", 0)) == "fp32"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given when there is no GPU")
+def test_bench_cuda_without_a_gpu_is_one_line(capsys):
+    from vitlab.cli import main
+
+    assert main(["bench", "--device", "cuda", "--variants", "none"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no CUDA GPU" in err and "valid here: cpu" in err
+    assert main(["bench", "--device", "gpu0"]) == 2
+    assert "'gpu0'" in capsys.readouterr().err
+
+
+def test_bench_times_compiled_models():
+    from vitlab.bench import format_table, run_bench
+
+    result = run_bench(shape="string-mnist", variants=["rope_axial"], batch=2, steps=1, warmup=1, compile=True,
+                       compile_backend="aot_eager")  # aot_eager: dynamo + autograd tracing, no C++ compiler
+    row = result["rows"][0]
+    assert result["compile"] == "aot_eager" and result["dtype"] == "float32"  # auto on CPU: fp32
+    assert row["train_ms"] > 0 and row["infer_ms"] > 0 and row["params"] > 0
+    assert "torch.compile (aot_eager)" in format_table(result)
+    with pytest.raises(ValueError, match="warmup"):
+        run_bench(shape="string-mnist", variants=["none"], warmup=0, compile=True)
