@@ -4,6 +4,6 @@
 # 2-core laptop CPU), ending with runs/default-study/report.md. Extra arguments go to compare.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/system-data.sh
+bash scripts/system-data.sh --no-browser
 python3 -m pip install --quiet --disable-pip-version-check -e .
 vitlab compare "$@"

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
+import browser
 from vitlab.cli import main
 from vitlab.compare import load_experiment, run_compare
 from vitlab.compare.stats import mean_ci, paired_test, summarize
@@ -40,10 +41,23 @@ def test_two_arm_two_seed_comparison_end_to_end_and_resume(tmp_path, capsys):
     assert "4/4 runs finished" in capsys.readouterr().out
     report = (out / "report.md").read_text()
     assert "| rank | arm |" in report and "rope_axial" in report and "baseline" in report
-    for fig in ("learning_curves", "accuracy_vs_time", "confusion"):
+    figs = ("learning_curves", "accuracy_vs_time", "confusion", "roc", "resolution", "attention")
+    for fig in figs:
         assert f"figures/{fig}.png" in report and (out / "figures" / f"{fig}.png").stat().st_size > 1000
+    assert "sweeps.png" not in report  # no numeric option varies in this experiment
+    assert "## Per-class AUROC" in report and "| 8 px | 12 px | 16 px (trained) | 20 px | 24 px |" in report
     page = (out / "report.html").read_text()
-    assert page.count("data:image/png;base64,") == 3 and page.count("<table>") == 2 and "<td>rope_axial</td>" in page
+    assert page.count("data:image/png;base64,") == len(figs) and page.count("<table>") == 4
+    assert "<td class='t'>rope_axial</td>" in page
+    if browser.CHROMIUM:  # CI installs Debian's chromium (scripts/system-data.sh)
+        seen = browser.rendered(out / "report.html", tmp_path)
+        assert len(seen["imgs"]) == len(figs) and all(i and i[0] > 300 and i[1] > 200 for i in seen["imgs"])
+        assert seen["tables"][0] == [3, 8] and len(seen["tables"]) == 4  # ranking: header + 2 arms, 8 columns
+        assert seen["h2"][0] == "Ranking (test accuracy (top-1))" and "ROC curves" in " ".join(seen["h2"])
+        from PIL import Image
+        shot = Image.open(browser.screenshot(out / "report.html", tmp_path / "shot.png", tmp_path)).convert("RGB")
+        colours = len(np.unique(np.asarray(shot.resize((300, 600))).reshape(-1, 3), axis=0))
+        assert shot.size == (1200, 2400) and colours > 200  # text, tables and plots, not a blank page
     finals = {p.parent.name: json.loads(p.read_text()) for p in out.glob("runs/*/final.json")}
     assert set(finals) == {"none-s0", "none-s1", "rope_axial-s0", "rope_axial-s1"}
     splits = {(out / "runs" / n / "split.json").read_text() for n in finals}
@@ -68,7 +82,8 @@ def test_two_arm_two_seed_comparison_end_to_end_and_resume(tmp_path, capsys):
 def test_failed_runs_are_listed_not_dropped(tmp_path):
     exp_file = tmp_path / "exp.yaml"
     exp_file.write_text(EXP.replace("rope_axial: {model.qk_pe: rope_axial}",
-                                    "rope_axial: {model.qk_pe: rope_axial}\n  diverges: {train.lr: 1.0e+30, train.clip_grad: null, train.warmup_epochs: 0}"))
+                                    "rope_axial: {model.qk_pe: rope_axial}\n  diverges: {train.lr: 1.0e+30, train.clip_grad: null, train.warmup_epochs: 0}")
+                        + "arm_recipe_keys: [train.lr, train.clip_grad, train.warmup_epochs]\n")
     out = tmp_path / "cmp"
     assert main(["compare", str(exp_file), "--out", str(out), "--quiet"]) == 1
     report = (out / "report.md").read_text()
@@ -115,3 +130,134 @@ def test_default_study_expands_to_eight_arms_three_seeds():
     assert len(runs) == 24 and exp.baseline == "none"
     assert {r.config.model.get("qk_pe") for r in runs} == {"none", "rope_axial", "rope_mixed", "string_cayley", "pope"}
     assert len({r.config.data.split_seed for r in runs}) == 1
+
+
+def _finals(out):
+    skip = {"seconds", "train_images_per_s", "infer_ms_per_batch", "data_share"}  # timing fields
+    return {p.parent.name: {k: v for k, v in json.loads(p.read_text()).items() if k not in skip}
+            for p in sorted(out.glob("runs/*/final.json"))}
+
+
+def _ranking(out):
+    lines = (out / "report.md").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| rank |"))
+    return lines[start: start + 4]
+
+
+def test_the_same_comparison_twice_gives_the_same_numbers(tmp_path):
+    exp_file = tmp_path / "exp.yaml"
+    exp_file.write_text(EXP.replace("train.epochs: 2", "train.epochs: 1"))
+    a, b = tmp_path / "a", tmp_path / "b"
+    for out in (a, b):  # two at a time, as a user with --jobs 2 would
+        assert main(["compare", str(exp_file), "--out", str(out), "--jobs", "2", "--quiet"]) == 0
+    assert _finals(a) == _finals(b) and len(_finals(a)) == 4
+    assert _ranking(a) == _ranking(b)
+    import numpy as np
+    for run in ("none-s0", "rope_axial-s1"):
+        pa, pb = (np.load(o / "runs" / run / "predictions.npz") for o in (a, b))
+        assert np.array_equal(pa["probs"], pb["probs"]) and pa["probs"].shape == (96, 4)
+    # a run directory mixed in from elsewhere (here: trained with another lr) is refused by the report
+    import yaml
+    cfg_file = b / "runs" / "none-s1" / "config.yaml"
+    cfg = yaml.safe_load(cfg_file.read_text())
+    cfg["train"]["lr"] = 0.5
+    cfg_file.write_text(yaml.safe_dump(cfg))
+    from vitlab.compare.report import write_report
+    with pytest.raises(ValueError, match=r"differ in train.lr \(0.002 vs 0.5\).*not a fair comparison"):
+        write_report(b)
+
+
+def test_sweeps_and_grid_pairing_from_run_directories(tmp_path):
+    """The report finds a sweep of one numeric option among the arms (STRING's sparsity f) and in the
+    grid, and pairs each arm with the baseline at the same grid point; fed with hand-written run
+    directories (the run directory is the report's only input)."""
+    from vitlab.compare.report import ranking_rows, sweep_series
+
+    arms = {"rope": {"model.qk_pe": "rope_axial"},
+            **{f"f{f}": {"model.qk_pe": "string_cayley", "model.qk_pe_kwargs": {"sparsity": f}} for f in (1.0, 0.5, 0.2)}}
+    manifest = {"baseline": "rope", "arms": arms, "grid": {"train.lr": [0.001, 0.003]}, "metric": "acc1"}
+    finished = []
+    for arm in arms:
+        for lr in (0.001, 0.003):
+            for seed in range(3):
+                acc = 0.5 + (0.1 if lr == 0.003 else 0.0) + (0.01 * seed) + (0.02 if arm != "rope" else 0.0)
+                acc += {"f1.0": 0.0, "f0.5": 0.001, "f0.2": 0.002}.get(arm, 0.0) * (seed + 1)
+                finished.append({"arm": arm, "point": {"train.lr": lr}, "seed": seed, "final": {"acc1": acc}})
+    data = {"manifest": manifest, "finished": finished}
+    series = sweep_series(data)
+    assert [s["key"] for s in series] == ["train.lr", "model.qk_pe_kwargs.sparsity"]
+    assert set(series[0]["lines"]) == set(arms) and sorted(series[0]["lines"]["rope"]) == [0.001, 0.003]
+    (label, by_f), = series[1]["lines"].items()
+    assert label == "model.qk_pe=string_cayley" and sorted(by_f) == [0.2, 0.5, 1.0] and len(by_f[0.2]) == 6
+    rows = {r["group"]: r for r in ranking_rows(manifest, finished)}
+    assert rows["rope @ train.lr=0.003"]["verdict"] == "baseline"
+    # paired with rope at the same lr: +0.02 (+ the f-dependent part), not +0.12 against the other point
+    assert rows["f1.0 @ train.lr=0.003"]["diff"] == pytest.approx(0.02)
+    assert rows["f0.2 @ train.lr=0.001"]["diff"] == pytest.approx(0.02 + 0.002 * 2)
+
+
+def test_every_shipped_study_expands_and_validates():
+    from vitlab.compare.experiment import studies
+
+    names = studies()
+    assert {"default", "string-cifar", "string-cifar-quick", "clearvit", "clearvit-quick", "minivit-quick",
+            "pope-mri", "pope-mri-quick", "pope-mri-grid", "volume-3d-quick", "string-mnist-quick"} <= set(names)
+    for name in names:
+        exp = load_experiment(name)
+        runs = exp.runs()
+        assert len({r.config.data.split_seed for r in runs}) == 1 and len(runs) == len(exp.arms) * len(exp.points()) * 3
+    sparsity = sorted(r.config.model.get("qk_pe_kwargs", {}).get("sparsity", 0) for r in load_experiment("string-cifar").runs()
+                      if r.seed == 0)
+    assert sparsity == [0, 0, 0.1, 0.2, 0.3, 0.5, 1.0]
+    assert len(load_experiment("clearvit").arms) == 7 and load_experiment("pope-mri").metric == "auroc_macro"
+    assert load_experiment("string-cifar-quick").base == "cifar10-string-quick"
+    assert len(load_experiment("default", seeds=1).runs()) == 8
+
+
+@pytest.mark.parametrize("text,words", [
+    ("base: fashion-mnist-quick\narms: {a: {}, b: {train.lr: 0.1}}\n", ["arm 'b' sets train.lr", "arm_recipe_keys"]),
+    ("base: fashion-mnist-quick\narms: {a: {}, b: {data.limit: 100}}\n", ["arm 'b' sets data.limit", "split"]),
+    ("base: fashion-mnist-quick\narms: {a: {}}\ngrid: {data.val_fraction: [0.1, 0.2]}\n", ["data.val_fraction", "split"]),
+    ("base: fashion-mnist-quick\narms: {a: {}}\nmetric: f1\n", ["metric 'f1'", "auroc_macro"]),
+    ("base: fashion-mnist-quick\narms: {a: {}}\nseeds: [1, 1]\n", ["distinct"]),
+])
+def test_unfair_experiments_are_refused(tmp_path, text, words, capsys):
+    f = tmp_path / "e.yaml"
+    f.write_text(text)
+    assert main(["compare", str(f), "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and not (tmp_path / "o").exists()
+    for w in words:
+        assert w in err, (w, err)
+
+
+def test_unknown_study_lists_the_studies(capsys):
+    assert main(["compare", "string-cifarr", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown study 'string-cifarr'" in err and "string-cifar-quick" in err
+
+
+def test_every_quick_study_builds_and_runs_each_arm_forward():
+    """Every arm of every shipped quick study builds (timm baselines included) and maps a batch of
+    the study's data shape to logits, so a study fails here rather than hours into a comparison."""
+    import torch
+
+    from vitlab.compare.experiment import studies
+    from vitlab.train.build import build_model
+
+    shapes = {"fashion-mnist": (1, 28, 28), "mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
+    for name in [s for s in studies() if s.endswith("-quick")]:
+        for spec in load_experiment(name).runs():
+            if spec.seed:
+                continue
+            d = spec.config.data
+            if d.name == "imagefolder":
+                shape = (d.options.get("channels", 3), d.options["img_size"], d.options["img_size"])
+            elif d.name == "mricron-brain":
+                shape = (1, *d.options["patch"])
+            else:
+                shape = shapes[d.name]
+            model, _ = build_model(spec.config, in_chans=shape[0], num_classes=4, img_size=shape[1:])
+            with torch.no_grad():
+                out = model.eval()(torch.randn(2, *shape))
+            assert out.shape == (2, 4) and torch.isfinite(out).all(), (name, spec.name)

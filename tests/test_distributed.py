@@ -75,8 +75,8 @@ def test_two_processes_match_one_process_with_the_same_global_batch(runs):
 
 def test_only_rank_zero_writes(runs):
     names = sorted(p.name for p in (runs / "two").iterdir())
-    assert names == ["checkpoints", "config.yaml", "env.json", "final.json", "metrics.jsonl", "split.json",
-                     "status.json"]
+    assert names == ["attention.npz", "checkpoints", "config.yaml", "env.json", "final.json", "metrics.jsonl",
+                     "predictions.npz", "split.json", "status.json"]
     assert len((runs / "two/metrics.jsonl").read_text().splitlines()) == 2  # not one line per rank
     assert json.loads((runs / "two/env.json").read_text())["world_size"] == 2
 

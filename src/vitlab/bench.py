@@ -3,7 +3,8 @@
 Variants run interleaved in one process (round r visits them in an order rotated by r), so drift
 in the machine's speed hits every variant alike; each figure is a median over rounds. Ratios are
 against the ``none`` model and timm's ``VisionTransformer`` of the same dims; MFU is the model's
-counted FLOPs per second over the fp32 matmul peak measured in the same run.
+counted FLOPs per second over the matmul peak measured in the same run, on the same device and in
+the same precision (fp32, or bf16 under autocast).
 """
 from __future__ import annotations
 
@@ -84,17 +85,66 @@ def build(variant: Variant, shape: dict, num_classes: int) -> torch.nn.Module:
                    mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias)
 
 
-def matmul_peak(device: torch.device, n: int = 2048, reps: int = 5, dtype=torch.float32) -> float:
-    """Measured matmul FLOP/s on ``device`` in ``dtype`` (median of ``reps``)."""
+def matmul_peak(device: torch.device, n: Optional[int] = None, reps: int = 5, dtype=torch.float32) -> float:
+    """Measured dense matmul FLOP/s on ``device`` in ``dtype``: the median over ``reps`` timings (after
+    one warm-up) of back-to-back (n x n) products between two synchronisations. CPU: n = 2048, one
+    product per timing. CUDA: n = 8192 and 10 products per timing, so that a timing is milliseconds
+    of tensor-core work rather than kernel-launch latency (fp32 follows torch's TF32 setting, as the
+    models' matmuls do)."""
+    cuda = device.type == "cuda"
+    n = n or (8192 if cuda else 2048)
+    inner = 10 if cuda else 1
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     times = []
     for _ in range(reps + 1):
         _sync(device)
         t = time.perf_counter()
-        a @ b
+        for _ in range(inner):
+            a @ b
         _sync(device)
         times.append(time.perf_counter() - t)
-    return 2 * n ** 3 / statistics.median(times[1:])
+    return 2 * n ** 3 * inner / statistics.median(times[1:])
+
+
+def bench_device(device: str) -> torch.device:
+    """``device`` as a torch device; a one-line ValueError when it is not one, or is CUDA without a GPU."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {device!r} is not a device; valid: cpu, cuda, cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: no CUDA GPU is available here (torch {torch.__version__}, "
+                             f"torch.cuda.is_available() is False); valid here: cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s); valid: "
+                             + ", ".join(["cuda"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]))
+    elif dev.type != "cpu":
+        raise ValueError(f"--device {device!r}; valid: cpu, cuda, cuda:N")
+    return dev
+
+
+def resolve_precision(precision: str, dev: torch.device) -> str:
+    """``auto``: bf16 autocast on a CUDA GPU that supports it, fp32 elsewhere."""
+    if precision not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"precision={precision!r}; valid: auto, fp32, bf16")
+    if precision == "auto":
+        return "bf16" if dev.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    return precision
+
+
+def _allow_recompiles(n_models: int) -> None:
+    """Every variant compiles its own graphs of the same forward code: raise dynamo's per-code
+    recompile limit (8 by default) so that no variant silently falls back to eager."""
+    import torch._dynamo.config as dynamo_config
+
+    for name in ("recompile_limit", "cache_size_limit"):
+        try:
+            current = getattr(dynamo_config, name)
+        except AttributeError:
+            continue
+        setattr(dynamo_config, name, max(current, 4 * n_models + 8))
+        return
 
 
 
@@ -123,18 +173,24 @@ def _timed(fn: Callable[[], None], device) -> float:
 
 def run_bench(shape: str = "string-cifar", variants: Optional[List[str]] = None, batch: int = 128,
               steps: int = 10, warmup: int = 2, device: str = "cpu", seed: int = 0,
-              num_classes: int = 10, precision: str = "fp32",
-              log: Optional[Callable[[str], None]] = None) -> dict:
-    """Benchmark ``variants`` on the size preset ``shape``; returns a JSON-able dict of results."""
+              num_classes: int = 10, precision: str = "auto", compile: bool = False,
+              compile_backend: str = "inductor", log: Optional[Callable[[str], None]] = None) -> dict:
+    """Benchmark ``variants`` on the size preset ``shape``; returns a JSON-able dict of results.
+
+    ``device``: cpu or cuda[:N] (timings between ``torch.cuda.synchronize`` calls; the matmul peak
+    measured on that device in the run's precision). ``precision``: fp32, bf16 (autocast) or auto
+    (bf16 on CUDA). ``compile``: time ``torch.compile``'d models (``compile_backend``); the
+    warm-up rounds absorb the compilation; FLOPs are counted on the eager models."""
     if shape not in SIZES:
         raise ValueError(f"unknown shape {shape!r}; valid: {', '.join(SIZES)}")
     for name, value, low in (("batch", batch, 1), ("steps", steps, 1), ("warmup", warmup, 0)):
         if value < low:
             raise ValueError(f"{name} must be >= {low}, got {value}")
-    if precision not in ("fp32", "bf16"):
-        raise ValueError(f"precision={precision!r}; valid: fp32, bf16")
+    dev = bench_device(device)
+    precision = resolve_precision(precision, dev)
+    if compile and warmup < 1:
+        raise ValueError("--compile needs --warmup >= 1 (the first call of each model compiles it)")
     log = log or (lambda msg: None)
-    dev = torch.device(device)
     autocast = (lambda: torch.autocast(dev.type, dtype=torch.bfloat16)) if precision == "bf16" else nullcontext
     specs = variants or DEFAULT_VARIANTS
     parsed = [parse_variant(s) for s in specs]
@@ -148,7 +204,7 @@ def run_bench(shape: str = "string-cifar", variants: Optional[List[str]] = None,
     for v in parsed:
         torch.manual_seed(seed)
         m = build(v, size, num_classes).to(dev)
-        models[v.spec], opts[v.spec] = m, torch.optim.AdamW(m.parameters(), lr=1e-4)
+        models[v.spec], opts[v.spec] = m, torch.optim.AdamW(m.parameters(), lr=1e-4, fused=dev.type == "cuda")
         infer_models[v.spec] = m
         if v.kwargs.get("qk_pe", "").startswith("string_"):
             folded = copy.deepcopy(m)
@@ -158,6 +214,11 @@ def run_bench(shape: str = "string-cifar", variants: Optional[List[str]] = None,
     peak = matmul_peak(dev, dtype=torch.float32 if precision == "fp32" else torch.bfloat16)
     with autocast():
         flops = {k: step_flops(m, x, y) for k, m in models.items()}
+    params = {k: sum(p.numel() for p in m.parameters()) for k, m in infer_models.items()}
+    if compile:  # timed from here on through the compiled wrappers (same parameters)
+        _allow_recompiles(len(infer_models))
+        models = {k: torch.compile(m, backend=compile_backend) for k, m in models.items()}
+        infer_models = {k: torch.compile(m, backend=compile_backend) for k, m in infer_models.items()}
     log(f"matmul peak {peak / 1e9:.1f} GFLOP/s; timing {len(models)} variants x {steps} steps (+{warmup} warm-up)")
 
     def train_step(k):
@@ -198,7 +259,7 @@ def run_bench(shape: str = "string-cifar", variants: Optional[List[str]] = None,
     rows = []
     for k in ikeys:
         base_key = k.removesuffix(" (folded)")
-        row = {"variant": k, "params": sum(p.numel() for p in infer_models[k].parameters()),
+        row = {"variant": k, "params": params[k],
                "infer_ms": imed[k] * 1e3,
                "infer_vs_none": imed[k] / imed["none"] if "none" in imed else None,
                "infer_vs_rope_axial": imed[k] / imed["rope_axial"] if "rope_axial" in imed else None}
@@ -215,6 +276,7 @@ def run_bench(shape: str = "string-cifar", variants: Optional[List[str]] = None,
         "shape": shape, "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in size.items()},
         "batch": batch, "steps": steps, "warmup": warmup, "device": str(dev),
         "dtype": "float32" if precision == "fp32" else "bf16 autocast",
+        "compile": compile_backend if compile else None,
         "machine": _machine(dev), "matmul_peak_gflops": peak / 1e9, "rows": rows,
     }
 
@@ -231,6 +293,8 @@ def _machine(dev: torch.device) -> dict:
         pass
     if dev.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(dev)
+        info["cuda"] = torch.version.cuda
+        info["tf32_matmul"] = torch.backends.cuda.matmul.allow_tf32
     return info
 
 
@@ -249,8 +313,114 @@ def format_table(result: dict) -> str:
             f"{f(r.get('infer_vs_none'), '.3f')} | {f(r.get('infer_vs_rope_axial'), '.3f')} |")
     m = result["machine"]
     lines.append("")
-    lines.append(f"{result['shape']}, batch {result['batch']}, {result['dtype']}, {result['device']} "
-                 f"({m.get('cpu', m.get('gpu', m['processor']))}, {m['threads']} threads, torch {m['torch']}); "
+    where = (f"{m['gpu']}, CUDA {m.get('cuda')}" if "gpu" in m
+             else f"{m.get('cpu', m['processor'])}, {m['threads']} threads")
+    lines.append(f"{result['shape']}, batch {result['batch']}, {result['dtype']}"
+                 f"{', torch.compile (' + result['compile'] + ')' if result.get('compile') else ''}, {result['device']} "
+                 f"({where}, torch {m['torch']}); "
                  f"medians of {result['steps']} interleaved rounds after {result['warmup']} warm-up; "
                  f"matmul peak ({'bf16' if 'bf16' in result['dtype'] else 'fp32'}) {result['matmul_peak_gflops']:.1f} GFLOP/s")
+    return "\n".join(lines)
+
+
+# ---- the input pipeline ---------------------------------------------------------------------------------------
+
+def run_input_bench(config: str, overrides: Optional[List[str]] = None, workers: Optional[List[int]] = None,
+                    batches: int = 20, warmup: int = 2, batch: Optional[int] = None, seed: int = 0,
+                    log: Optional[Callable[[str], None]] = None) -> dict:
+    """Throughput of a run config's input pipeline: its training pool, read by the feed training
+    uses (in memory; or, for a streamed folder, decoded, resized and cropped by ``w`` DataLoader
+    worker processes, for each ``w`` of ``workers``), then the run's batched augmentation on the
+    run's device, over ``batches`` batches after ``warmup`` ones, in a seeded random order.
+
+    Per worker count: images timed, the first batch's latency (worker start-up included), the time
+    spent waiting for batches and augmenting them, and images/s over both. The model-size resize
+    that training adds when ``model.img_size`` differs from the data's is not included."""
+    from .config import load_config
+    from .data import load_dataset
+    from .data.base import FileDataset
+    from .train.augment import BatchAugment
+    from .train.feed import make_feed
+    from .train.loop import pick_device
+
+    cfg = load_config(config, overrides)
+    d, t = cfg.data, cfg.train
+    for name, value, low in (("steps", batches, 1), ("warmup", warmup, 0)):
+        if value < low:
+            raise ValueError(f"{name} must be >= {low}, got {value}")
+    if batch is not None and batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
+    if workers is not None and (not workers or min(workers) < 0):
+        raise ValueError(f"workers={workers}; expected worker counts >= 0, e.g. 0,1,2")
+    log = log or (lambda msg: None)
+    device = pick_device(t.device)
+    t0 = time.perf_counter()
+    bundle = load_dataset(d.name, d.root, limit=d.limit, seed=d.split_seed, **d.source_options())
+    load_s = time.perf_counter() - t0
+    ds = bundle.train
+    streamed = isinstance(ds, FileDataset)
+    bs = batch or t.batch_size
+    need = (batches + warmup) * bs
+    if len(ds) < need:
+        raise ValueError(f"{len(ds)} training images hold {len(ds) // bs} batches of {bs}, fewer than the "
+                         f"{warmup} + {batches} asked for: lower --warmup, --steps or --batch")
+    log(f"{'listed' if streamed else 'loaded'} {len(ds)} training images in {load_s:.1f}s")
+    order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:need]
+    counts = (workers if workers is not None else sorted({0, d.workers})) if streamed else [None]
+    channels = ds.item_shape[0]
+    rows = []
+    for w in counts:
+        feed = make_feed(ds, device, w or 0, seed)
+        augment = BatchAugment.from_config(cfg, mean=torch.full((channels,), 0.5), std=torch.full((channels,), 0.25),
+                                           num_classes=len(ds.classes), channels=channels, img_size=None, seed=seed,
+                                           device=device)
+        it = feed.batches(order, bs)
+        wait = aug = 0.0
+        n, first = 0, None
+        start = time.perf_counter()
+        for i in range(warmup + batches):
+            a = time.perf_counter()
+            x, y = next(it)
+            _sync(device)
+            b = time.perf_counter()
+            augment(x, y)
+            _sync(device)
+            c = time.perf_counter()
+            if first is None:
+                first = c - start
+            if i >= warmup:
+                wait, aug, n = wait + b - a, aug + c - b, n + x.shape[0]
+        it.close()  # stops the DataLoader's workers
+        rows.append({"workers": w, "images": n, "first_batch_s": first, "loader_s": wait, "augment_s": aug,
+                     "img_s": n / (wait + aug)})
+        log(f"workers {'in memory' if w is None else w}: {n / (wait + aug):.0f} img/s")
+    aug_keys = {k: getattr(d, k) for k in ("hflip", "crop_pad", "auto_augment", "affine_degrees", "mixup", "cutmix",
+                                           "random_erasing")}
+    return {"config": config, "overrides": list(overrides or []), "dataset": d.name, "source": bundle.source,
+            "streamed": streamed, "train_images": len(ds), "classes": len(ds.classes),
+            "item_shape": list(ds.item_shape), "options": dict(d.options), "batch": bs, "batches": batches,
+            "warmup": warmup, "device": str(device), "load_s": load_s,
+            "augment": {k: v for k, v in aug_keys.items() if v not in (False, 0, 0.0, "none")},
+            "machine": _machine(device), "rows": rows}
+
+
+def format_input_table(result: dict) -> str:
+    """Markdown table of a :func:`run_input_bench` result."""
+    lines = ["| workers | images | first batch s | waiting for batches s | augment s | img/s (decode + augment) |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for r in result["rows"]:
+        w = "in memory" if r["workers"] is None else r["workers"]
+        lines.append(f"| {w} | {r['images']:,} | {r['first_batch_s']:.2f} | {r['loader_s']:.2f} | "
+                     f"{r['augment_s']:.2f} | {r['img_s']:,.0f} |")
+    m = result["machine"]
+    where = m.get("gpu") or f"{m.get('cpu', m['processor'])}, {m['threads']} threads"
+    aug = ", ".join(f"{k}={v}" for k, v in result["augment"].items()) or "none"
+    opts = ", ".join(f"{k}={v}" for k, v in result["options"].items())
+    lines.append("")
+    lines.append(f"{result['dataset']} ({result['source']}{'; ' + opts if opts else ''}): {result['train_images']:,} "
+                 f"training images, {result['classes']} classes, items {tuple(result['item_shape'])}, "
+                 f"{'decoded by DataLoader workers' if result['streamed'] else 'held in memory'} "
+                 f"({'listed and checked' if result['streamed'] else 'loaded'} in {result['load_s']:.1f} s); batch "
+                 f"{result['batch']}, {result['batches']} batches timed after {result['warmup']} warm-up, seeded random "
+                 f"order; augmentation ({aug}) on {result['device']} ({where}, torch {m['torch']})")
     return "\n".join(lines)

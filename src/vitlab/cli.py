@@ -26,11 +26,12 @@ def catalogue() -> dict:
     def entries(reg):
         return {n: {"doc": reg.doc(n), "options": reg.options(n)} for n in reg.names()}
 
+    from .compare.experiment import studies
     from .config import presets
     from .data import DATASETS
 
     return {"token_pe": entries(TOKEN_PES), "qk_pe": entries(QK_PES), "attn": entries(KERNELS),
-            "datasets": entries(DATASETS), "presets": presets(),
+            "datasets": entries(DATASETS), "presets": presets(), "studies": studies(),
             "sizes": {k: {kk: (list(vv) if isinstance(vv, tuple) else vv) for kk, vv in v.items()}
                       for k, v in SIZES.items()},
             "notes": COMBINATION_NOTES}
@@ -53,6 +54,7 @@ def cmd_list(args) -> int:
     for name, s in cat["sizes"].items():
         print(f"  {name:22s} " + " ".join(f"{k}={v}" for k, v in s.items()))
     print("\nPresets (vitlab train NAME): " + ", ".join(cat["presets"]))
+    print("\nStudies (vitlab compare NAME): " + ", ".join(cat["studies"]))
     print("\nCombinations")
     for note in cat["notes"]:
         print(f"  - {note}")
@@ -62,19 +64,44 @@ def cmd_list(args) -> int:
 def cmd_bench(args) -> int:
     import torch
 
-    from .bench import format_table, run_bench
+    from .bench import format_input_table, format_table, run_bench, run_input_bench
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    variants = args.variants.split(",") if args.variants else None
     log = (lambda m: print(f"[bench] {m}", file=sys.stderr, flush=True)) if not args.quiet else None
-    result = run_bench(shape=args.shape, variants=variants, batch=args.batch, steps=args.steps,
-                       warmup=args.warmup, device=args.device, seed=args.seed, precision=args.precision, log=log)
+    if args.input or args.overrides:
+        if not args.input:
+            raise ValueError(f"overrides {args.overrides} need --input PRESET_OR_YAML (the input-pipeline bench)")
+        try:
+            workers = [int(w) for w in args.workers.split(",")] if args.workers else None
+        except ValueError:
+            raise ValueError(f"--workers {args.workers!r}; expected comma-separated counts, e.g. 0,1,2") from None
+        result = run_input_bench(args.input, args.overrides, workers=workers, batches=args.steps,
+                                 warmup=args.warmup, batch=args.batch, seed=args.seed, log=log)
+        print(json.dumps(result, indent=2) if args.json else format_input_table(result))
+        return 0
+    variants = args.variants.split(",") if args.variants else None
+    batch = 128 if args.batch is None else args.batch  # --batch 0 is an error, not the default
+    result = run_bench(shape=args.shape, variants=variants, batch=batch, steps=args.steps,
+                       warmup=args.warmup, device=args.device, seed=args.seed, precision=args.precision,
+                       compile=args.compile, log=log)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
         print(format_table(result))
     return 0
+
+
+def _mark_failed(run_dir: Path, err: BaseException) -> None:
+    """A run that stopped on an error must not keep saying ``running`` (a reader would wait for it or
+    take its files for a live run's); diverged/interrupted runs have set their own status already."""
+    from . import rundir
+
+    try:
+        if rundir.read_json(run_dir / "status.json").get("status") == "running":
+            rundir.set_status(run_dir, "failed", _one_line(err))
+    except (OSError, ValueError, AttributeError):  # no status yet, or the disk refuses even this
+        pass
 
 
 def _default_out(cfg_source: str | None, cfg) -> Path:
@@ -85,6 +112,7 @@ def _default_out(cfg_source: str | None, cfg) -> Path:
 
 
 def cmd_train(args) -> int:
+    from . import rundir
     from .config import load_config, read_yaml, validate
     from .train import train_run
 
@@ -95,15 +123,24 @@ def cmd_train(args) -> int:
         if not (run_dir / "checkpoints" / "last.pt").is_file():
             raise FileNotFoundError(f"--resume {run_dir}: no checkpoints/last.pt to resume from")
         cfg = validate(read_yaml(str(run_dir / "config.yaml")))
-        final = train_run(cfg, run_dir, resume=True, progress=not args.quiet)
+        try:
+            final = train_run(cfg, run_dir, resume=True, progress=not args.quiet)
+        except Exception as err:
+            _mark_failed(run_dir, err)
+            raise
     else:
-        if args.config is None:
+        if not args.config:  # None or "": an empty name would silently train the built-in defaults
             raise ValueError("give a preset or YAML file (see `vitlab train --help`), or --resume RUN_DIR")
         cfg = load_config(args.config, args.overrides)
         out = Path(args.out) if args.out else _default_out(args.config, cfg)
         if (out / "final.json").exists() and not args.force:
             raise ValueError(f"{out} already holds a finished run; use --out elsewhere, --force, or --resume")
-        final = train_run(cfg, out, progress=not args.quiet)
+        rundir.check_output_dir(out)  # before minutes of data loading
+        try:
+            final = train_run(cfg, out, progress=not args.quiet)
+        except Exception as err:
+            _mark_failed(out, err)
+            raise
         run_dir = out
     print(f"{run_dir}: test acc1 {final['acc1']:.4f}  acc5 {final['acc5']:.4f}  loss {final['loss']:.4f}  "
           f"auroc {final['auroc_macro'] if final['auroc_macro'] is None else round(final['auroc_macro'], 4)}  "
@@ -135,15 +172,37 @@ def cmd_validate(args) -> int:
 def cmd_compare(args) -> int:
     from .compare import load_experiment, run_compare
     from .compare.report import write_report
+    from .rundir import check_output_dir
 
-    exp = load_experiment(args.experiment)
+    exp = load_experiment(args.experiment, seeds=args.seeds)
     out = Path(args.out) if args.out else Path("runs") / (Path(args.experiment).stem if args.experiment else "default-study")
+    check_output_dir(out)
     log = (lambda m: print(m, file=sys.stderr, flush=True)) if not args.quiet else (lambda m: None)
-    states = run_compare(exp, out, extra=args.overrides, jobs=args.jobs, retry_failed=args.retry_failed, log=log)
+    states = run_compare(exp, out, extra=args.overrides, jobs=args.jobs, retry_failed=args.retry_failed, log=log,
+                         launcher=args.launcher, cluster=_cluster_options(args), wait=not args.no_wait)
+    if args.no_wait:
+        print(f"{out}: jobs submitted ({sum(st == 'finished' for st in states.values())}/{len(states)} runs already "
+              f"finished); when they are done: vitlab report {out}")
+        return 0
     report = write_report(out)
     failed = [n for n, st in states.items() if st != "finished"]
     print(f"{out}: {len(states) - len(failed)}/{len(states)} runs finished; report: {report}")
     return 1 if failed else 0
+
+
+def _cluster_options(args):
+    """The job resources given on the command line (None when none was: the launcher's defaults)."""
+    from .compare.runner import ClusterOptions
+
+    slurm_args = {}
+    for item in args.slurm_arg or []:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise ValueError(f"--slurm-arg {item!r} is not key=value (e.g. --slurm-arg account=abc)")
+        slurm_args[key.lstrip("-")] = value
+    given = {"partition": args.partition, "gpus_per_run": args.gpus_per_run, "cpus_per_run": args.cpus_per_run,
+             "time_min": args.time_min, "mem_gb": args.mem_gb}
+    return ClusterOptions(**{k: v for k, v in given.items() if v is not None}, slurm_args=slurm_args)
 
 
 def cmd_report(args) -> int:
@@ -153,8 +212,15 @@ def cmd_report(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line like every other error (the usage is in --help)."""
+
+    def error(self, message: str):
+        self.exit(2, f"vitlab: error: {' '.join(message.split())} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="vitlab", description="A laboratory for Vision Transformers: "
+    p = _Parser(prog="vitlab", description="A laboratory for Vision Transformers: "
                                 "compare positional encodings and attention mechanisms fairly.")
     p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = p.add_subparsers(dest="command", required=True)
@@ -163,16 +229,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.set_defaults(func=cmd_list)
 
-    s = sub.add_parser("bench", help="time train steps and inference of variants, interleaved, medians")
+    s = sub.add_parser("bench", help="time train steps and inference of variants, interleaved, medians; or, with "
+                                     "--input, the input pipeline of a run config")
+    s.add_argument("overrides", nargs="*", help="with --input: dotted overrides of that config (data.root=...)")
+    s.add_argument("--input", metavar="PRESET_OR_YAML", help="time this run config's input pipeline instead: "
+                   "images/s decoded + augmented, per DataLoader worker count")
+    s.add_argument("--workers", help="with --input: comma-separated worker counts (default: 0 and data.workers)")
     s.add_argument("--shape", default="string-cifar", help=f"size preset ({', '.join(SIZES)})")
     s.add_argument("--variants", default=None,
                    help="comma-separated variants, each like rope_mixed+learned or string_cayley:sparsity=0.5, "
                         "or 'timm' (default: the PE catalogue plus timm)")
-    s.add_argument("--batch", type=int, default=128)
-    s.add_argument("--steps", type=int, default=10, help="timed rounds (medians are taken over them)")
+    s.add_argument("--batch", type=int, default=None, help="batch size (default 128; with --input: train.batch_size)")
+    s.add_argument("--steps", type=int, default=10, help="timed rounds (medians are taken over them); with --input: "
+                   "timed batches")
     s.add_argument("--warmup", type=int, default=2)
-    s.add_argument("--device", default="cpu")
-    s.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16 = autocast")
+    s.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    s.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="bf16 = autocast; auto = bf16 on CUDA, fp32 on CPU")
+    s.add_argument("--compile", action="store_true", help="time torch.compile'd models (warm-up rounds compile)")
     s.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--json", action="store_true")
@@ -197,11 +271,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("compare", help="run every arm x grid point x seed of an experiment and write the report "
                                        "(no argument: the default study on Fashion-MNIST)")
-    s.add_argument("experiment", nargs="?", help="experiment YAML (base, arms, grid, seeds, baseline)")
+    s.add_argument("experiment", nargs="?", help="a study's name (`vitlab list` shows them) or an experiment YAML "
+                                                 "(base, arms, grid, seeds, baseline, metric)")
     s.add_argument("overrides", nargs="*", help="dotted overrides applied to every run")
     s.add_argument("--out", help="comparison directory (default runs/<experiment>)")
-    s.add_argument("--jobs", type=int, default=1, help="runs at once (each gets cores/jobs threads)")
+    s.add_argument("--jobs", type=int, default=None, help="runs at once (default 1; each gets cores/jobs threads); "
+                   "with --launcher slurm: the job array's parallelism (default: the scheduler's)")
     s.add_argument("--retry-failed", action="store_true", help="run failed runs again")
+    g = s.add_argument_group("cluster", "each run as a submitit job; job files under OUT/slurm/")
+    g.add_argument("--launcher", default="local", help="local (processes here, default), slurm (sbatch through "
+                   "submitit) or submitit-local (submitit's local executor: jobs on this machine)")
+    g.add_argument("--no-wait", action="store_true", help="submit the jobs and return; `vitlab report OUT` later")
+    g.add_argument("--partition", help="Slurm partition")
+    g.add_argument("--gpus-per-run", type=int, help="GPUs per job (Slurm default 0; submitit-local: the visible ones)")
+    g.add_argument("--cpus-per-run", type=int, help="CPUs per job, also the run's torch threads")
+    g.add_argument("--time-min", type=int, help="time limit per job in minutes (default 1440); a job that reaches "
+                   "it is requeued and resumes from its checkpoint")
+    g.add_argument("--mem-gb", type=float, help="memory per job in GB")
+    g.add_argument("--slurm-arg", action="append", metavar="KEY=VALUE",
+                   help="another #SBATCH option, repeatable (e.g. --slurm-arg account=abc --slurm-arg qos=high)")
+    s.add_argument("--seeds", type=int, default=None, help="run seeds 0..N-1 instead of the experiment's seeds")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=cmd_compare)
 
@@ -214,6 +303,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("overrides", nargs="*")
     s.set_defaults(func=cmd_validate)
     return p
+
+
+def _one_line(err: BaseException) -> str:
+    """The message of a user error on one line; an OSError from the system as "reason: path"."""
+    if isinstance(err, OSError) and err.strerror and err.filename is not None and str(err).startswith("[Errno"):
+        where = f"{err.filename} -> {err.filename2}" if err.filename2 is not None else f"{err.filename}"
+        msg = f"{err.strerror}: {where}"
+    else:
+        msg = str(err) or type(err).__name__
+    return " ".join(msg.split())
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -236,11 +335,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         print("vitlab: interrupted", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, PermissionError, RuntimeError) as err:
+    except (ValueError, OSError, RuntimeError) as err:  # OSError: unreadable input, unwritable output
         if args.debug:
             raise
-        msg = " ".join(str(err).split())  # one line
-        print(f"vitlab: error: {msg}", file=sys.stderr)
+        print(f"vitlab: error: {_one_line(err)}", file=sys.stderr)
         return 2
     except Interrupted as err:  # SIGINT/SIGTERM in training: checkpoint saved
         print(f"vitlab: {err}", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""Run configuration: typed, frozen sections ``data``, ``model``, ``train``.
+"""Run configuration: typed, frozen sections ``data``, ``model``, ``train``, ``eval``.
 
 A run is described by a YAML file (or a preset name from ``configs/``) plus ``key=value``
 overrides with dotted keys (``train.lr=3e-4``, ``model.qk_pe=rope_mixed``,
@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 from importlib import resources
 from pathlib import Path
-from typing import Any, Dict, List, Literal, Optional, Tuple
+from typing import Any, Dict, List, Literal, Optional, Tuple, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -22,7 +22,8 @@ PRESET_DIR = Path(str(resources.files("vitlab") / "configs"))
 
 
 class DataSection(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: a bound like ge=0 lets inf through, which crashes or poisons training later
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     name: str = "fashion-mnist"
     root: Optional[str] = None
@@ -62,7 +63,7 @@ class DataSection(BaseModel):
 
 
 class TrainSection(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # as DataSection
 
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(128, ge=1)
@@ -77,7 +78,9 @@ class TrainSection(BaseModel):
     accum_steps: int = Field(1, ge=1)
     seed: int = 0
     time_limit_min: Optional[float] = Field(None, gt=0)
-    precision: Literal["fp32", "bf16"] = "fp32"
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="bf16 = autocast; auto = bf16 on a CUDA device that supports it, fp32 elsewhere "
+        "(on CPU, bf16 must be asked for)")
     compile: bool = False
     ema: Optional[float] = Field(None, gt=0, lt=1, description="EMA decay of the weights (None = off)")
     early_stop_patience: Optional[int] = Field(None, ge=1)
@@ -89,6 +92,22 @@ class TrainSection(BaseModel):
                                           "this (None = 10 x ln(classes), ten times chance level)")
 
 
+class EvalSection(BaseModel):
+    """What a run measures on its test set after training, besides final.json's metrics: the
+    inputs of the comparison report's ROC curves, resolution-extrapolation curves and attention maps."""
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    resolutions: Union[Literal["auto"], List[int]] = Field(
+        "auto", description="image sizes (shorter side, px) to evaluate the trained model at: test images are "
+        "resized, relative PEs read the new grid, learned tables are resized; 'auto' = 0.5x..1.5x the training "
+        "size rounded to the patch (2D models); [] = off")
+    resolution_images: int = Field(2000, ge=1, description="test images used for each resolution (the first N)")
+    attention_images: int = Field(4, ge=0, description="test images (one per class) whose last-block attention "
+                                  "is saved in attention.npz (vit models; 0 = off)")
+    predictions: bool = Field(True, description="save the test set's labels and class probabilities in "
+                              "predictions.npz (ROC curves)")
+
+
 MODEL_EXTRA = ("name", "size", "pretrained")
 
 
@@ -98,6 +117,7 @@ class RunConfig(BaseModel):
     data: DataSection = Field(default_factory=DataSection)
     model: Dict[str, Any] = Field(default_factory=dict)
     train: TrainSection = Field(default_factory=TrainSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
 
     def model_cfg(self, **derived) -> ModelConfig:
         """The vit model config: preset ``size``, the data-derived values (``derived``), then the
@@ -168,6 +188,8 @@ def load_yaml_file(path: Path, what: str):
 
 def read_yaml(source: str) -> dict:
     """A preset name (``fashion-mnist``, ``fashion-mnist-quick``) or a path to a YAML file."""
+    if not isinstance(source, (str, Path)) or not str(source):  # e.g. `base: 3` or `base: [a]` in a YAML file
+        raise ValueError(f"config {source!r} is not a preset name or a path; valid presets: {', '.join(presets())}")
     path = Path(source)
     if not path.suffix and not path.exists():
         path = PRESET_DIR / f"{source}.yaml"
@@ -202,11 +224,16 @@ def validate(raw: dict) -> RunConfig:
                              f"{', '.join('model.' + k for k in (*MODEL_EXTRA, *ModelConfig.model_fields))}")
         # image size, channels and classes come from the data when not given: check the rest now,
         # with a stand-in image size that any patch size divides
-        preset = SIZES.get(cfg.model.get("size"), {})
+        size = cfg.model.get("size")
+        preset = SIZES.get(size, {}) if isinstance(size, str) else {}  # make_config names a bad size
         derived = {"in_chans": 3, "num_classes": 10}
         if "img_size" not in cfg.model and "img_size" not in preset:
             patch = cfg.model.get("patch_size", preset.get("patch_size", 16))
-            derived["img_size"] = tuple(4 * p for p in patch) if isinstance(patch, (list, tuple)) else 4 * patch
+            if isinstance(patch, int):
+                derived["img_size"] = 4 * patch
+            elif isinstance(patch, (list, tuple)) and all(isinstance(p, int) for p in patch):
+                derived["img_size"] = tuple(4 * p for p in patch)
+            # else (null, text, ...): no stand-in; the model config names the bad patch_size
         cfg.model_cfg(**derived)
     elif not str(name).startswith("timm:"):
         raise ValueError(f"model.name={name!r}; valid: 'vit' or 'timm:<model name>' (e.g. timm:resnet18)")

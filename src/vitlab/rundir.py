@@ -6,6 +6,7 @@ Every file is written to a temporary name and renamed, so a reader never sees ha
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pickle
@@ -20,18 +21,89 @@ from typing import Any
 import torch
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+class OutputError(OSError):
+    """Writing the run (or comparison) directory failed: disk full, read-only, no permission, a file
+    where a folder should be. Its message is one line naming the path and the reason."""
+
+    def __init__(self, message: str, code: int | None = None):
+        super().__init__(message)  # one argument: str() is the message, without an "[Errno N]" prefix
+        self.errno = code
+
+
+# why a write failed, by errno, said of the directory written into
+_WRITE_FAILURES = {errno.ENOSPC: "is full (no space left on the device)",
+                   errno.EDQUOT: "is full (disk quota exceeded)",
+                   errno.EROFS: "is read-only (read-only file system)",
+                   errno.EACCES: "is not writable (permission denied)",
+                   errno.EPERM: "is not writable (operation not permitted)"}
+
+
+def output_error(path: Path, err: BaseException) -> OutputError:
+    """``err`` (raised while writing ``path``) as a one-line :class:`OutputError`. torch.save wraps
+    the OSError of a failed write in a RuntimeError: the OSError is found in the exception's context."""
+    path = Path(path)
+    cause, seen = err, set()
+    while cause is not None and not isinstance(cause, OSError) and id(cause) not in seen:
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    code = cause.errno if isinstance(cause, OSError) else None
+    if code in _WRITE_FAILURES:
+        return OutputError(f"cannot write {path}: the output directory {path.parent} {_WRITE_FAILURES[code]}", code)
+    detail = getattr(cause, "strerror", None) or " ".join(str(err).split())[:200]
+    return OutputError(f"cannot write {path}: {detail}", code)
+
+
+def make_dir(path: Path) -> None:
+    """``mkdir -p path``, with one-line errors for a file in the way or an unwritable parent."""
+    path = Path(path)
     try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise OutputError(f"cannot use {path} as an output directory: it is a file", errno.EEXIST) from None
+    except NotADirectoryError:
+        parent = next((p for p in path.parents if p.exists() and not p.is_dir()), path.parent)
+        raise OutputError(f"cannot create output directory {path}: {parent} is a file, not a directory",
+                          errno.ENOTDIR) from None
+    except OSError as err:
+        raise output_error(path, err) from err
+
+
+def check_output_dir(path: Path) -> None:
+    """Fail early, before any data is read, when ``path`` cannot become an output directory: it is a
+    file, or the nearest existing folder on its way is a file or not writable."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"cannot use {path} as an output directory: it is a file", errno.EEXIST)
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise OutputError(f"cannot create output directory {path}: {existing} is a file, not a directory",
+                          errno.ENOTDIR)
+    if existing is not None:
+        try:  # a real (anonymous, self-deleting) file: os.access cannot tell read-only from full or denied
+            with tempfile.TemporaryFile(dir=existing):
+                pass
+        except OSError as err:
+            why = _WRITE_FAILURES.get(err.errno) or f"is not writable ({err.strerror or err})"
+            raise OutputError(f"cannot write into {path}: the output directory {existing} {why}", err.errno) from err
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temporary name in the same folder, fsync, rename; nothing is left behind on failure."""
+    path = Path(path)
+    make_dir(path.parent)
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as err:
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(err, OSError) and not isinstance(err, OutputError):
+            raise output_error(path, err) from err
         raise
 
 
@@ -48,23 +120,34 @@ def read_json(path: Path) -> Any:
 
 
 def append_jsonl(path: Path, obj: Any) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(obj) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(obj) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as err:  # a torn last line is dropped by its readers
+        raise output_error(Path(path), err) from err
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
     """torch.save to a temporary file, then rename (a crash never leaves a truncated checkpoint)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    path = Path(path)
+    make_dir(path.parent)
+    tmp = None
     try:
-        torch.save(state, tmp)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        # our own file object: closed (its blocks freed once unlinked) even when torch.save fails,
+        # and the OSError of a failed write is kept in torch's RuntimeError's context
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as err:
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(err, (OSError, RuntimeError)) and not isinstance(err, OutputError):
+            raise output_error(path, err) from err
         raise
 
 

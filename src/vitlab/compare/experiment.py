@@ -9,9 +9,17 @@
     grid: {train.lr: [1.0e-3, 3.0e-3]} # optional: every arm at every point
     seeds: 3                           # or a list [0, 1, 2]
     baseline: none                     # the arm the others are tested against
+    metric: acc1                       # what the ranking ranks: acc1, acc5 or auroc_macro
+    arm_recipe_keys: [train.lr]        # optional: data/train keys an arm may set (say, a pretrained
+                                       # baseline's lr); by default arms set model.* keys only
 
-Every run of an experiment shares the base, the overrides and ``data.split_seed``: the arms differ
-only in their own keys.
+Every run of an experiment shares the base, the overrides and the split: the arms differ only in
+their own keys. Keys that define the split (``data.name``, ``data.root``, ``data.limit``, ...) can
+differ neither between arms nor along the grid; recipe keys (``train.*``, augmentation) differ
+between arms only where ``arm_recipe_keys`` says so, and the report names them.
+
+Named studies (``vitlab compare string-cifar-quick``) are experiment files shipped in
+``vitlab/experiments/``; ``vitlab list`` shows them.
 """
 from __future__ import annotations
 
@@ -20,26 +28,35 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from importlib import resources
+
 from ..config import RunConfig, deep_merge, load_yaml_file, parse_overrides, read_yaml, validate
 
-EXPERIMENT_KEYS = ("base", "overrides", "arms", "grid", "seeds", "baseline", "description")
+EXPERIMENT_KEYS = ("base", "overrides", "arms", "grid", "seeds", "baseline", "description", "metric",
+                   "arm_recipe_keys", "quick")
+#: the default study (`vitlab compare` with no argument): every PE on Fashion-MNIST, quick scale
+DEFAULT_STUDY = "default"
+METRICS = ("acc1", "acc5", "auroc_macro")
+#: data keys that define the split: the same for every run of a comparison
+SPLIT_KEYS = ("data.name", "data.root", "data.limit", "data.val_fraction", "data.split_seed", "data.dedupe",
+              "data.dedupe_threshold", "data.options")
+STUDY_DIR = Path(str(resources.files("vitlab") / "experiments"))
 
-DEFAULT_EXPERIMENT = {
-    "description": "The default study: every positional encoding on Fashion-MNIST (quick scale), 3 seeds.",
-    "base": "fashion-mnist-quick",
-    "arms": {
-        "none": {"model.qk_pe": "none"},
-        "learned": {"model.qk_pe": "none", "model.token_pe": "learned"},
-        "sincos": {"model.qk_pe": "none", "model.token_pe": "sincos"},
-        "rope_axial": {"model.qk_pe": "rope_axial"},
-        "rope_mixed": {"model.qk_pe": "rope_mixed"},
-        "rope_mixed+learned": {"model.qk_pe": "rope_mixed", "model.token_pe": "learned"},
-        "string_cayley": {"model.qk_pe": "string_cayley"},
-        "pope": {"model.qk_pe": "pope"},
-    },
-    "seeds": 3,
-    "baseline": "none",
-}
+
+def studies() -> List[str]:
+    """The shipped study presets (experiment files in ``vitlab/experiments/``), each also as
+    ``NAME-quick`` when its file has a ``quick`` section."""
+    names = []
+    for p in sorted(STUDY_DIR.glob("*.yaml")):
+        names.append(p.stem)
+        if "quick" in (load_yaml_file(p, "experiment") or {}):
+            names.append(p.stem + "-quick")
+    return names
+
+
+def _splits_key(key: str) -> bool:
+    return any(key == k or key.startswith(k + ".") for k in SPLIT_KEYS)
+
 
 
 @dataclass
@@ -61,6 +78,8 @@ class Experiment:
     overrides: Dict[str, Any] = field(default_factory=dict)
     grid: Dict[str, List[Any]] = field(default_factory=dict)
     description: str = ""
+    metric: str = "acc1"
+    arm_recipe_keys: List[str] = field(default_factory=list)
 
     def points(self) -> List[Dict[str, Any]]:
         keys = list(self.grid)
@@ -99,32 +118,90 @@ def _nest(flat: Dict[str, Any]) -> dict:
     return out
 
 
-def load_experiment(source: Optional[str]) -> Experiment:
-    """An experiment YAML file, or the default study when ``source`` is None."""
-    if source is None:
-        raw = DEFAULT_EXPERIMENT
-    else:
-        path = Path(source)
-        raw = load_yaml_file(path, "experiment")
-        if not isinstance(raw, dict) or "arms" not in raw:
-            raise ValueError(f"{path}: an experiment needs 'base' and 'arms' (see `vitlab compare --help`); "
-                             f"a run config goes to `vitlab train`")
+def read_experiment(source: str) -> dict:
+    """The raw experiment of a file path or a shipped study's name. ``NAME-quick`` is study NAME at
+    laptop scale: its ``quick`` section's keys replace the top-level ones (typically ``base``, the
+    preset's -quick variant, and a smaller grid)."""
+    path = Path(source)
+    quick = False
+    if not path.suffix and not path.exists():
+        name = source
+        if name.endswith("-quick") and not (STUDY_DIR / f"{name}.yaml").is_file():
+            name, quick = name[: -len("-quick")], True
+        path = STUDY_DIR / f"{name}.yaml"
+        if not path.is_file():
+            raise ValueError(f"unknown study {source!r}; valid: {', '.join(studies())} "
+                             f"(or a path to an experiment .yaml)")
+    raw = load_yaml_file(path, "experiment")
+    if not isinstance(raw, dict) or "arms" not in raw:
+        raise ValueError(f"{path}: an experiment needs 'base' and 'arms' (see `vitlab compare --help`); "
+                         f"a run config goes to `vitlab train`")
+    section = raw.pop("quick", None)
+    if quick:
+        if not isinstance(section, dict):
+            raise ValueError(f"unknown study {source!r}: {path.name} has no 'quick' section; valid: "
+                             f"{', '.join(studies())}")
+        raw.update(section)
+    return raw
+
+
+def load_experiment(source: Optional[str], seeds: Optional[int] = None) -> Experiment:
+    """An experiment YAML file or a shipped study's name, or the default study when ``source`` is
+    None. ``seeds`` (a count) replaces the file's seeds."""
+    raw = read_experiment(source or DEFAULT_STUDY)
     unknown = sorted(set(raw) - set(EXPERIMENT_KEYS))
     if unknown:
         raise ValueError(f"unknown experiment key(s) {unknown}; valid: {', '.join(EXPERIMENT_KEYS)}")
     arms = raw.get("arms") or {}
-    if not isinstance(arms, dict) or not arms:
+    if not isinstance(arms, dict) or not arms or not all(isinstance(v, dict) or v is None for v in arms.values()):
         raise ValueError("experiment 'arms' must be a non-empty mapping of arm name -> dotted keys")
-    seeds = raw.get("seeds", 3)
-    seeds = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
-    if not seeds or not all(isinstance(s, int) for s in seeds):
-        raise ValueError(f"experiment 'seeds' must be a positive count or a list of ints, got {raw.get('seeds')!r}")
+    if seeds is not None:
+        if seeds < 1:
+            raise ValueError(f"--seeds must be >= 1, got {seeds}")
+        raw = {**raw, "seeds": seeds}
+    seeds_ = raw.get("seeds", 3)
+    seeds_ = list(range(seeds_)) if isinstance(seeds_, int) and not isinstance(seeds_, bool) else seeds_
+    if (not isinstance(seeds_, list) or not seeds_ or not all(isinstance(s, int) and not isinstance(s, bool)
+                                                               for s in seeds_) or len(set(seeds_)) != len(seeds_)):
+        raise ValueError(f"experiment 'seeds' must be a positive count or a list of distinct ints, "
+                         f"got {raw.get('seeds')!r}")
     baseline = raw.get("baseline", next(iter(arms)))
-    if baseline not in arms:
+    if not isinstance(baseline, str) or baseline not in arms:
         raise ValueError(f"baseline {baseline!r} is not an arm; arms: {', '.join(arms)}")
     grid = raw.get("grid") or {}
-    if any(not isinstance(v, list) or not v for v in grid.values()):
+    if not isinstance(grid, dict) or any(not isinstance(v, list) or not v for v in grid.values()):
         raise ValueError("experiment 'grid' maps dotted keys to non-empty lists of values")
+    metric = raw.get("metric", "acc1")
+    if metric not in METRICS:
+        raise ValueError(f"experiment metric {metric!r}; valid: {', '.join(METRICS)}")
+    recipe_keys = raw.get("arm_recipe_keys") or []
+    if not isinstance(recipe_keys, list) or not all(isinstance(k, str) for k in recipe_keys):
+        raise ValueError("experiment 'arm_recipe_keys' must be a list of dotted keys, e.g. [train.lr]")
+    if not isinstance(raw.get("description", ""), str) or not isinstance(raw.get("base", ""), str):
+        raise ValueError(f"experiment 'description' and 'base' must be text; got description="
+                         f"{raw.get('description')!r}, base={raw.get('base')!r}")
+    overrides = raw.get("overrides") or {}
+    if not isinstance(overrides, dict):
+        raise ValueError("experiment 'overrides' must map dotted keys to values")
+    check_fairness({k: dict(v or {}) for k, v in arms.items()}, grid, recipe_keys)
     return Experiment(base=raw.get("base", "fashion-mnist-quick"), arms={k: dict(v or {}) for k, v in arms.items()},
-                      seeds=seeds, baseline=baseline, overrides=raw.get("overrides") or {}, grid=grid,
-                      description=raw.get("description", ""))
+                      seeds=seeds_, baseline=baseline, overrides=overrides, grid=grid,
+                      description=raw.get("description", ""), metric=metric, arm_recipe_keys=list(recipe_keys))
+
+
+def check_fairness(arms: Dict[str, Dict[str, Any]], grid: Dict[str, list], recipe_keys: List[str]) -> None:
+    """Arms share the split always, and the recipe unless ``arm_recipe_keys`` lets a key differ."""
+    for key in [*grid, *recipe_keys]:
+        if _splits_key(key):
+            raise ValueError(f"{key} defines the split, which every run of a comparison shares; it cannot be a "
+                             f"grid key or an arm_recipe_key (set it in 'overrides' or run another comparison)")
+    for arm, keys in arms.items():
+        for key in keys:
+            if "." not in key:
+                raise ValueError(f"arm {arm!r}: experiment key {key!r} must be dotted (section.key), e.g. model.qk_pe")
+            if _splits_key(key):
+                raise ValueError(f"arm {arm!r} sets {key}, which defines the split: every arm must train and "
+                                 f"test on the same split (put it in 'overrides' for all arms)")
+            if not key.startswith("model.") and key not in recipe_keys:
+                raise ValueError(f"arm {arm!r} sets {key}: arms differ in model keys only, so the recipe stays "
+                                 f"the same; to let an arm change {key}, list it in 'arm_recipe_keys'")

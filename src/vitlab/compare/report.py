@@ -1,19 +1,39 @@
-"""``vitlab report DIR``: the comparison's report.md from its run directories (the only input)."""
+"""``vitlab report DIR``: the comparison's report.md and report.html from its run directories (the
+only input): the ranking with intervals and paired tests, the cost table, per-class AUROC,
+resolution extrapolation, and the figures (learning curves, accuracy vs time, confusion matrices,
+ROC curves, extrapolation curves, attention maps, sweeps of a numeric option)."""
 from __future__ import annotations
 
 import json
 import math
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
+
+import yaml
 
 from .. import rundir
 from ..data.dedupe import leakage_line
 from .runner import run_state
-from .stats import ALPHA, summarize
+from .stats import ALPHA, mean_ci, summarize
+
+METRIC_NAMES = {"acc1": "test accuracy (top-1)", "acc5": "test accuracy (top-5)", "auroc_macro": "test AUROC (macro, one-vs-rest)"}
+#: config keys that may differ between the runs of one comparison without changing the recipe
+FREE_KEYS = ("train.seed", "train.threads", "train.device")
 
 
 def _fmt(v, spec=".4f"):
     return "" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
+
+
+def _flat(d: dict, prefix: str = "") -> Dict[str, object]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = v
+    return out
 
 
 def collect(out: Path) -> dict:
@@ -21,23 +41,55 @@ def collect(out: Path) -> dict:
     manifest_file = out / "experiment.json"
     if not manifest_file.is_file():
         raise FileNotFoundError(f"{out}: no experiment.json (not a vitlab compare directory)")
-    manifest = json.loads(manifest_file.read_text())
+    try:
+        manifest = json.loads(manifest_file.read_text())
+        runs_ok = isinstance(manifest, dict) and isinstance(manifest.get("runs"), list) and all(
+            isinstance(r, dict) and {"name", "arm", "point", "seed"} <= set(r) for r in manifest["runs"])
+    except ValueError as err:
+        raise ValueError(f"{manifest_file}: not valid JSON ({err}); rerun `vitlab compare` with the same "
+                         f"experiment and --out to rewrite it") from None
+    if not runs_ok or "baseline" not in manifest:
+        raise ValueError(f"{manifest_file}: not a vitlab experiment manifest (it needs 'baseline' and 'runs' with "
+                         f"name/arm/point/seed); rerun `vitlab compare` with the same experiment and --out")
     finished, others = [], []
     for r in manifest["runs"]:
         run = out / "runs" / r["name"]
         state = run_state(run)
         if state == "finished":
-            finished.append({**r, "final": json.loads((run / "final.json").read_text())})
+            finished.append({**r, "dir": run, "final": json.loads((run / "final.json").read_text())})
         else:
             reason = ""
             if (run / "status.json").is_file():
                 reason = json.loads((run / "status.json").read_text()).get("reason", "")
             others.append({**r, "state": state, "reason": reason})
-    splits = {json.dumps(json.loads((out / "runs" / r["name"] / "split.json").read_text()).get("test"))
-              for r in finished if (out / "runs" / r["name"] / "split.json").is_file()}
+    splits = {json.dumps(json.loads((r["dir"] / "split.json").read_text()).get("test"))
+              for r in finished if (r["dir"] / "split.json").is_file()}
     if len(splits) > 1:
         raise ValueError(f"{out}: the finished runs do not share one test split; a comparison needs one split")
+    check_one_recipe(out, manifest, finished)
     return {"manifest": manifest, "finished": finished, "others": others}
+
+
+def check_one_recipe(out: Path, manifest: dict, finished: List[dict]) -> None:
+    """Every finished run was trained with the same data and train settings, apart from its seed,
+    the grid keys and the experiment's ``arm_recipe_keys`` (a run directory mixed in from elsewhere,
+    or a config edited by hand, is caught here)."""
+    free = set(FREE_KEYS) | set(manifest.get("grid", {})) | set(manifest.get("arm_recipe_keys", []))
+    first, first_cfg = None, None
+    for r in finished:
+        path = r["dir"] / "config.yaml"
+        if not path.is_file():
+            raise ValueError(f"{r['dir']}: no config.yaml; cannot check that it shares the comparison's recipe")
+        raw = yaml.safe_load(path.read_text()) or {}
+        cfg = {k: v for k, v in _flat({s: raw.get(s, {}) for s in ("data", "train", "eval")}).items()
+               if k not in free and not any(k.startswith(f + ".") for f in free)}
+        if first_cfg is None:
+            first, first_cfg = r["name"], cfg
+            continue
+        for key in sorted(set(cfg) | set(first_cfg)):
+            if cfg.get(key) != first_cfg.get(key):
+                raise ValueError(f"{out}: runs {first} and {r['name']} differ in {key} ({first_cfg.get(key)!r} vs "
+                                 f"{cfg.get(key)!r}): not one split and recipe, so not a fair comparison")
 
 
 def group_name(r: dict) -> str:
@@ -45,53 +97,156 @@ def group_name(r: dict) -> str:
     return f"{r['arm']} @ {point}" if point else r["arm"]
 
 
+def _metric_value(final: dict, metric: str) -> Optional[float]:
+    v = final.get(metric)
+    return None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
+
+
+def ranking_rows(manifest: dict, finished: List[dict]) -> List[dict]:
+    """Rows of the ranking: one per arm (at each grid point), each paired with the baseline arm at
+    the same grid point."""
+    metric = manifest.get("metric", "acc1")
+    groups: Dict[str, Dict[int, float]] = {}
+    baseline_of: Dict[str, str] = {}
+    for r in finished:
+        g = group_name(r)
+        baseline_of[g] = group_name({**r, "arm": manifest["baseline"]})
+        v = _metric_value(r["final"], metric)
+        groups.setdefault(g, {})
+        if v is not None:
+            groups[g][r["seed"]] = v
+    rows = []
+    for g in groups:  # summarize() pairs with one baseline; here each grid point has its own
+        base = baseline_of[g]
+        sub = {g: groups[g], **({base: groups[base]} if base in groups else {})}
+        row = next(x for x in summarize(sub, base if base in groups else None, metric) if x["group"] == g)
+        rows.append(row)
+    return sorted(rows, key=lambda r: -r["mean"] if not math.isnan(r["mean"]) else math.inf)
+
+
 def write_report(out: Path) -> Path:
-    """Write ``out/report.md``; returns its path."""
+    """Write ``out/report.md`` and ``out/report.html``; returns report.md's path."""
     out = Path(out)
     data = collect(out)
     m = data["manifest"]
-    groups: Dict[str, Dict[int, float]] = {}
-    costs: Dict[str, List[dict]] = {}
+    metric = m.get("metric", "acc1")
+    rows = ranking_rows(m, data["finished"])
+    by_group: Dict[str, List[dict]] = {}
     for r in data["finished"]:
-        groups.setdefault(group_name(r), {})[r["seed"]] = r["final"]["acc1"]
-        costs.setdefault(group_name(r), []).append(r["final"])
-    baseline = m["baseline"] if m["baseline"] in groups else None
-    rows = summarize(groups, baseline)
+        by_group.setdefault(group_name(r), []).append(r)
+    order = [r["group"] for r in rows]
     lines = [f"# Comparison: {out.name}", ""]
     if m.get("description"):
         lines += [m["description"], ""]
     lines += [f"Base config `{m['base']}`, seeds {m['seeds']}, baseline arm `{m['baseline']}`; every run on the same "
-              f"stratified split. {len(data['finished'])} of {len(m['runs'])} runs finished.", ""]
+              f"stratified split and recipe. {len(data['finished'])} of {len(m['runs'])} runs finished.", ""]
+    if m.get("arm_recipe_keys"):
+        lines += [f"Recipe keys some arms set differently (the experiment allows it): "
+                  f"{', '.join('`' + k + '`' for k in m['arm_recipe_keys'])}.", ""]
     if data["finished"]:
-        first = out / "runs" / data["finished"][0]["name"] / "split.json"
+        first = data["finished"][0]["dir"] / "split.json"
         if first.is_file():
             lines += [leakage_line(json.loads(first.read_text())), ""]
-    lines += ["## Ranking (test accuracy)", "",
+    lines += [f"## Ranking ({METRIC_NAMES.get(metric, metric)})", "",
               f"Mean ± sample std over seeds, 95% t-interval of the mean, and a two-sided paired t-test "
-              f"against the baseline, paired by seed (scipy `ttest_rel`). Differences with p >= {ALPHA} are "
-              f"called ties: the seeds do not support ranking them.", "",
-              "| rank | arm | n | acc1 mean ± std | 95% CI | Δ vs baseline | p | verdict |",
+              f"against the baseline arm (at the same grid point), paired by seed (scipy `ttest_rel`). "
+              f"Differences with p >= {ALPHA} are called ties: the seeds do not support ranking them.", "",
+              f"| rank | arm | n | {metric} mean ± std | 95% CI | Δ vs baseline | p | verdict |",
               "|---:|---|---:|---|---|---:|---:|---|"]
     for i, r in enumerate(rows, 1):
-        lines.append(f"| {i} | {r['group']} | {r['n']} | {_fmt(r['mean'])} ± {_fmt(r['std'])} | "
-                     f"[{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}] | {_fmt(r['diff'], '+.4f')} | "
-                     f"{_fmt(r['p'], '.3g')} | {r['verdict']} |")
-    lines += ["", "## Cost", "", "| arm | params | MFLOPs / image | train img/s | infer ms / batch | wall s / run |",
-              "|---|---:|---:|---:|---:|---:|"]
-    for name in [r["group"] for r in rows]:
-        cs = costs[name]
-        mean = lambda k: sum(c[k] for c in cs if c.get(k) is not None) / max(1, sum(c.get(k) is not None for c in cs))
-        lines.append(f"| {name} | {cs[0]['params']:,} | {cs[0]['flops'] / 1e6:.1f} | {mean('train_images_per_s'):.0f} | "
-                     f"{mean('infer_ms_per_batch'):.1f} | {mean('seconds'):.0f} |")
+        spread = (f"{_fmt(r['mean'])} ± {_fmt(r['std'])} | [{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}]" if r["n"] > 1
+                  else f"{_fmt(r['mean'])} | n/a")
+        verdict = r["verdict"] if r["n"] > 1 or r["verdict"] == "baseline" else "tie (one seed: untested)"
+        lines.append(f"| {i} | {r['group']} | {r['n']} | {spread} | {_fmt(r['diff'], '+.4f')} | "
+                     f"{_fmt(r['p'], '.3g')} | {verdict} |")
+    lines += ["", "## Cost and other metrics", "",
+              "Mean over seeds. FLOPs of one forward pass per image; train img/s over the whole training; inference "
+              "ms per evaluation batch (the run's `eval_batch_size`).", "",
+              "| arm | params | MFLOPs / image | train img/s | infer ms / batch | wall s / run | acc1 | acc5 | AUROC (macro) |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name in order:
+        fs = [r["final"] for r in by_group[name]]
+
+        def mean(k, fs=fs):
+            vals = [f[k] for f in fs if f.get(k) is not None]
+            return sum(vals) / len(vals) if vals else None
+
+        lines.append(f"| {name} | {fs[0]['params']:,} | {_fmt(fs[0]['flops'] / 1e6, '.1f')} | "
+                     f"{_fmt(mean('train_images_per_s'), '.0f')} | {_fmt(mean('infer_ms_per_batch'), '.1f')} | "
+                     f"{_fmt(mean('seconds'), '.0f')} | {_fmt(mean('acc1'))} | {_fmt(mean('acc5'))} | "
+                     f"{_fmt(mean('auroc_macro'))} |")
     if data["others"]:
-        lines += ["", "## Runs not finished", "", "| run | state | reason |", "|---|---|---|"]
+        lines += ["", "## Runs not finished", "", "Listed, never dropped: they count in no table above.", "",
+                  "| run | state | reason |", "|---|---|---|"]
         lines += [f"| {r['name']} | {r['state']} | {r['reason']} |" for r in data["others"]]
     if data["finished"]:
-        lines += figures(out, data, [r["group"] for r in rows])
+        lines += auroc_table(data, order)
+        lines += resolution_table(data, order)
+        lines += figures(out, data, order)
     path = out / "report.md"
+    from .html import to_html
+
     rundir.atomic_write_text(path, "\n".join(lines) + "\n")
     rundir.atomic_write_text(out / "report.html", to_html(lines, out))
     return path
+
+
+def _classes(data: dict) -> List[str]:
+    split = data["finished"][0]["dir"] / "split.json"
+    classes = json.loads(split.read_text()).get("classes") if split.is_file() else None
+    return classes or [str(i) for i in range(len(data["finished"][0]["final"]["confusion"]))]
+
+
+def auroc_table(data: dict, order: List[str]) -> List[str]:
+    """Per-class one-vs-rest AUROC, mean over seeds (as the MRI study reported it)."""
+    classes = _classes(data)
+    if len(classes) > 12:
+        return []  # too wide to read; the macro AUROC is in the cost table
+    lines = ["", "## Per-class AUROC (one-vs-rest, mean over seeds)", "",
+             "| arm | " + " | ".join(classes) + " |", "|---|" + "---:|" * len(classes)]
+    for name in order:
+        per = [r["final"].get("auroc_per_class") or [] for r in data["finished"] if group_name(r) == name]
+        cells = []
+        for c in range(len(classes)):
+            vals = [p[c] for p in per if len(p) > c and p[c] is not None]
+            cells.append(_fmt(sum(vals) / len(vals)) if vals else "")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def resolution_curves(data: dict, order: List[str]) -> Dict[str, Dict[int, List[Optional[float]]]]:
+    """{group: {height: [acc1 per seed]}} from final.json's ``resolution`` (runs that recorded it)."""
+    curves: Dict[str, Dict[int, List[Optional[float]]]] = {}
+    for name in order:
+        for r in data["finished"]:
+            if group_name(r) != name:
+                continue
+            for point in r["final"].get("resolution") or []:
+                curves.setdefault(name, {}).setdefault(point["img_size"][0], []).append(point["acc1"])
+    return curves
+
+
+def resolution_table(data: dict, order: List[str]) -> List[str]:
+    curves = resolution_curves(data, order)
+    if not curves:
+        return []
+    heights = sorted({h for c in curves.values() for h in c})
+    n = data["finished"][0]["final"].get("resolution_images")
+    trained = data["finished"][0]["final"].get("model", {}).get("img_size")
+    trained_h = trained[0] if isinstance(trained, list) else trained
+    lines = ["", "## Resolution extrapolation (test accuracy at other image sizes, mean over seeds)", "",
+             f"Trained at {trained_h} px; evaluated without retraining on the first {n} test images resized to each "
+             f"size (relative PEs read the new grid, learned tables are resized, sincos recomputed). "
+             f"Blank: the model cannot take that size.", "",
+             "| arm | " + " | ".join(f"{h} px" + (" (trained)" if h == trained_h else "") for h in heights) + " |",
+             "|---|" + "---:|" * len(heights)]
+    for name in order:
+        cells = []
+        for h in heights:
+            vals = [v for v in curves.get(name, {}).get(h, []) if v is not None]
+            cells.append(_fmt(mean_ci(vals)["mean"]) if vals else "")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def figures(out: Path, data: dict, order: List[str]) -> List[str]:
@@ -100,60 +255,64 @@ def figures(out: Path, data: dict, order: List[str]) -> List[str]:
 
     fig_dir = out / "figures"
     fig_dir.mkdir(exist_ok=True)
-    runs: Dict[str, List[str]] = {}
-    finals: Dict[str, List[dict]] = {}
+    runs: Dict[str, List[Path]] = {g: [] for g in order}
+    finals: Dict[str, List[dict]] = {g: [] for g in order}
     for r in data["finished"]:
-        runs.setdefault(group_name(r), []).append(r["name"])
-        finals.setdefault(group_name(r), []).append(r["final"])
-    runs = {g: runs[g] for g in order}
-    finals = {g: finals[g] for g in order}
-    split = json.loads((out / "runs" / data["finished"][0]["name"] / "split.json").read_text())
-    classes = split.get("classes") or [str(i) for i in range(len(data["finished"][0]["final"]["confusion"]))]
-    shown = [("Learning curves", plots.learning_curves(out, runs, fig_dir / "learning_curves.png")),
+        runs[group_name(r)].append(r["dir"])
+        finals[group_name(r)].append(r["final"])
+    classes = _classes(data)
+    shown = [("Learning curves", plots.learning_curves(runs, fig_dir / "learning_curves.png")),
              ("Accuracy versus training time", plots.accuracy_vs_time(finals, fig_dir / "accuracy_vs_time.png")),
              ("Confusion matrices (rows: true class, summed over seeds)",
-              plots.confusions(finals, classes, fig_dir / "confusion.png"))]
+              plots.confusions(finals, classes, fig_dir / "confusion.png")),
+             ("ROC curves (one-vs-rest per class, TPR averaged over seeds)",
+              plots.roc_curves(runs, classes, fig_dir / "roc.png")),
+             ("Resolution extrapolation", plots.resolution_plot(resolution_curves(data, order),
+                                                                fig_dir / "resolution.png")),
+             ("Attention maps (last block, first seed; CLS row, mean over heads)",
+              plots.attention_grid(runs, classes, fig_dir / "attention.png")),
+             ("Sweeps", plots.sweeps(sweep_series(data), data["manifest"].get("metric", "acc1"),
+                                     fig_dir / "sweeps.png"))]
     lines = []
     for title, path in shown:
-        lines += ["", f"## {title}", "", f"![{title}](figures/{path.name})"]
+        if path is not None:
+            lines += ["", f"## {title}", "", f"![{title}](figures/{path.name})"]
     return lines
 
 
-def to_html(lines: List[str], out: Path) -> str:
-    """A self-contained HTML page of the markdown lines this module writes (headings, paragraphs,
-    tables, images embedded as base64)."""
-    import base64
-    import html
+def _numeric(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
-    body, table = [], []
 
-    def flush_table():
-        if not table:
-            return
-        head, *rest = [[c.strip() for c in row.strip().strip("|").split("|")] for row in table if "---" not in row]
-        body.append("<table><thead><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in head) + "</tr></thead><tbody>"
-                    + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rest)
-                    + "</tbody></table>")
-        table.clear()
-
-    for line in lines:
-        if line.startswith("|"):
-            table.append(line)
-            continue
-        flush_table()
-        if line.startswith("## "):
-            body.append(f"<h2>{html.escape(line[3:])}</h2>")
-        elif line.startswith("# "):
-            body.append(f"<h1>{html.escape(line[2:])}</h1>")
-        elif line.startswith("!["):
-            alt, src = line[2:].split("](", 1)
-            data = base64.b64encode((out / src.rstrip(")")).read_bytes()).decode()
-            body.append(f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">')
-        elif line.strip():
-            body.append(f"<p>{html.escape(line).replace('`', '')}</p>")
-    flush_table()
-    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
-             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
-             "td:nth-child(2),th:nth-child(2){text-align:left}img{max-width:100%}")
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>vitlab report</title><style>{style}</style>"
-            f"</head><body>{''.join(body)}</body></html>\n")
+def sweep_series(data: dict) -> List[dict]:
+    """Sweeps of one numeric option, found in the experiment: (a) a numeric grid key, one line per
+    arm (other grid keys averaged); (b) three or more arms whose keys agree except one numeric key
+    (the STRING study's sparsity f). Each: {"key", "lines": {label: {x: [metric per seed]}}}."""
+    m = data["manifest"]
+    metric = m.get("metric", "acc1")
+    values = [(r, _metric_value(r["final"], metric)) for r in data["finished"]]
+    out = []
+    for key, grid_values in m.get("grid", {}).items():
+        if len(grid_values) >= 2 and all(_numeric(v) for v in grid_values):
+            lines: Dict[str, Dict[float, List[float]]] = {}
+            for r, v in values:
+                if v is not None:
+                    lines.setdefault(r["arm"], {}).setdefault(float(r["point"][key]), []).append(v)
+            out.append({"key": key, "lines": lines})
+    arms = {a: _flat(keys) for a, keys in m.get("arms", {}).items()}  # {qk_pe_kwargs: {sparsity: f}} -> dotted
+    for key in sorted({k for keys in arms.values() for k in keys}):
+        numeric = {a: keys for a, keys in arms.items() if _numeric(keys.get(key))}
+        families: Dict[str, List[str]] = {}
+        for a, keys in numeric.items():
+            rest = json.dumps({k: v for k, v in keys.items() if k != key}, sort_keys=True)
+            families.setdefault(rest, []).append(a)
+        for rest, members in families.items():
+            if len({arms[a][key] for a in members}) < 3:
+                continue
+            label = ", ".join(f"{k}={v}" for k, v in json.loads(rest).items()) or "arms"
+            series: Dict[float, List[float]] = {}
+            for r, v in values:
+                if r["arm"] in members and v is not None:
+                    series.setdefault(float(arms[r["arm"]][key]), []).append(v)
+            out.append({"key": key, "lines": {label: series}})
+    return out

@@ -2,14 +2,21 @@
 resume interrupted ones, so an interrupted comparison picks up where it stopped."""
 from __future__ import annotations
 
+import collections
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import Callable, Dict, List, Optional
+
+from submitit.helpers import Checkpointable
 
 from .. import rundir
 from ..config import dump_yaml
@@ -38,15 +45,25 @@ def _command(spec: RunSpec, run: Path, cfg_file: Path, threads: int) -> List[str
     return base + [str(cfg_file), "--out", str(run), "--force"] + ([f"train.threads={threads}"] if threads else [])
 
 
-def run_compare(exp: Experiment, out: Path, *, extra: Optional[List[str]] = None, jobs: int = 1,
-                retry_failed: bool = False, log: Callable[[str], None] = print) -> dict:
-    """Run the experiment into ``out``; returns {name: state} after the runs."""
+def run_compare(exp: Experiment, out: Path, *, extra: Optional[List[str]] = None, jobs: Optional[int] = 1,
+                retry_failed: bool = False, log: Callable[[str], None] = print, launcher: str = "local",
+                cluster: Optional["ClusterOptions"] = None, wait: bool = True,
+                poll_s: Optional[float] = None) -> dict:
+    """Run the experiment into ``out``; returns {name: state} after the runs (with ``wait=False``:
+    right after submitting them).
+
+    ``launcher``: ``local`` runs ``jobs`` ``vitlab train`` processes at a time here; ``slurm`` and
+    ``submitit-local`` submit each run as a submitit job (see :func:`_run_jobs`), with the resources
+    of ``cluster``. Whatever the launcher, a run is the same command (:func:`_command`), finished runs
+    are skipped and partial ones resumed."""
+    cluster = check_launcher(launcher, cluster, wait)  # before anything is written
     specs = exp.runs(extra)
     out = Path(out)
-    (out / "runs").mkdir(parents=True, exist_ok=True)
-    (out / "configs").mkdir(exist_ok=True)
+    rundir.make_dir(out / "runs")
+    rundir.make_dir(out / "configs")
     manifest = {"base": exp.base, "baseline": exp.baseline, "seeds": exp.seeds, "arms": exp.arms, "grid": exp.grid,
                 "overrides": exp.overrides, "extra": list(extra or []), "description": exp.description,
+                "metric": exp.metric, "arm_recipe_keys": exp.arm_recipe_keys,
                 "runs": [{"name": s.name, "arm": s.arm, "point": s.point, "seed": s.seed} for s in specs]}
     previous = out / "experiment.json"
     if previous.is_file():
@@ -59,9 +76,23 @@ def run_compare(exp: Experiment, out: Path, *, extra: Optional[List[str]] = None
                 raise ValueError(f"{spec.name}: its config differs from this experiment's (changed base, overrides "
                                  f"or arm keys); use another --out")
     rundir.write_json(previous, manifest)
-    threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else 0
+    in_flight = _in_flight(out)  # runs an earlier call submitted that are still queued or running
+    if in_flight and launcher == "local":
+        ids = ", ".join(f"{n} ({r['launcher']} job {r['job_id']})" for n, r in sorted(in_flight.items()))
+        raise ValueError(f"{len(in_flight)} run(s) of {out} are still queued or running as jobs: {ids}; wait for "
+                         f"them (vitlab compare --launcher {next(iter(in_flight.values()))['launcher']} ...) or "
+                         f"cancel them first")
+    if launcher == "slurm":
+        threads = cluster.cpus_per_run or 0  # one run per job: its own allocation
+    else:
+        at_once = jobs or 1
+        threads = max(1, (os.cpu_count() or 1) // at_once) if at_once > 1 else 0
+        if launcher == "submitit-local" and cluster.cpus_per_run:
+            threads = cluster.cpus_per_run
     todo = []
     for spec in specs:
+        if spec.name in in_flight:
+            continue
         run = out / "runs" / spec.name
         state = run_state(run)
         if state == "finished" or (state in ("failed", "diverged") and not retry_failed):
@@ -69,27 +100,286 @@ def run_compare(exp: Experiment, out: Path, *, extra: Optional[List[str]] = None
         cfg_file = out / "configs" / f"{spec.name}.yaml"
         rundir.atomic_write_text(cfg_file, dump_yaml(spec.config))
         todo.append((spec, run, cfg_file))
+    if launcher != "local":
+        return _run_jobs(specs, todo, in_flight, out, launcher, cluster, jobs, threads, wait, log, poll_s)
+    jobs = jobs or 1
     log(f"{len(specs)} runs: {len(specs) - len(todo)} already done, {len(todo)} to run ({jobs} at a time)")
-    start, done = time.time(), [0]
+    tally = _Tally(len(todo), log)
 
     def one(item):
         spec, run, cfg_file = item
         t0 = time.time()
         proc = subprocess.run(_command(spec, run, cfg_file, threads), capture_output=True, text=True)
-        done[0] += 1
-        elapsed = time.time() - start
-        eta = elapsed / done[0] * (len(todo) - done[0])  # elapsed already reflects --jobs
-        if proc.returncode == 0:
-            final = json.loads((run / "final.json").read_text())
-            log(f"[{done[0]}/{len(todo)}] {spec.name}: acc1 {final['acc1']:.4f} in {time.time() - t0:.0f}s "
-                f"(elapsed {elapsed / 60:.1f} min, ETA {eta / 60:.1f} min)")
-        else:
-            err = (proc.stderr.strip().splitlines() or ["no message"])[-1]
-            log(f"[{done[0]}/{len(todo)}] {spec.name}: FAILED ({err})")
-            if not (run / "status.json").is_file():
-                run.mkdir(parents=True, exist_ok=True)
-                rundir.set_status(run, "failed", err)
+        err = "" if proc.returncode == 0 else (proc.stderr.strip().splitlines() or ["no message"])[-1]
+        tally.finished(spec.name, run, err, time.time() - t0)
 
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         list(pool.map(one, todo))
+    return {s.name: run_state(out / "runs" / s.name) for s in specs}
+
+
+class _Tally:
+    """Progress over the runs of one call: a line per finished run with elapsed time and ETA."""
+
+    def __init__(self, total: int, log: Callable[[str], None]):
+        self.total, self.log, self.done, self.start = total, log, 0, time.time()
+        self.lock = threading.Lock()  # the local launcher reports from its worker threads
+
+    def finished(self, name: str, run: Path, err: str, seconds: float) -> None:
+        """``err``: empty when the run's command succeeded, else its last error line (the run is then
+        marked failed unless it wrote its own status)."""
+        with self.lock:
+            self._finished(name, run, err, seconds)
+
+    def _finished(self, name: str, run: Path, err: str, seconds: float) -> None:
+        self.done += 1
+        elapsed = time.time() - self.start
+        eta = elapsed / self.done * (self.total - self.done)  # elapsed already reflects --jobs
+        head = f"[{self.done}/{self.total}] {name}"
+        if not err and (run / "final.json").is_file():
+            final = json.loads((run / "final.json").read_text())
+            self.log(f"{head}: acc1 {final['acc1']:.4f} in {seconds:.0f}s "
+                     f"(elapsed {elapsed / 60:.1f} min, ETA {eta / 60:.1f} min)")
+            return
+        err = err or "no final.json written"
+        self.log(f"{head}: FAILED ({err})")
+        if not (run / "status.json").is_file():
+            rundir.make_dir(run)
+            rundir.set_status(run, "failed", err)
+
+
+# ---- cluster launchers: each run one submitit job -------------------------------------------------------------
+
+LAUNCHERS = ("local", "slurm", "submitit-local")
+#: where submitit keeps its job files (submission scripts, pickles, logs), under the comparison directory
+JOB_DIR = "slurm"
+
+
+@dataclass(frozen=True)
+class ClusterOptions:
+    """One run's job resources (``--launcher slurm`` / ``submitit-local``).
+
+    ``gpus_per_run`` None: none on Slurm; under ``submitit-local`` the GPUs visible here (submitit's
+    local executor hides the others). ``cpus_per_run`` also sets the run's torch threads.
+    ``slurm_args``: further ``#SBATCH`` options (``{"account": "abc", "qos": "high"}``)."""
+
+    partition: Optional[str] = None
+    gpus_per_run: Optional[int] = None
+    cpus_per_run: Optional[int] = None
+    time_min: int = 24 * 60
+    mem_gb: Optional[float] = None
+    slurm_args: Dict[str, str] = field(default_factory=dict)
+
+
+def check_launcher(launcher: str, cluster: Optional[ClusterOptions], wait: bool) -> ClusterOptions:
+    """Validate the launcher and its options; one-line ValueErrors naming the value and the choices."""
+    if launcher not in LAUNCHERS:
+        raise ValueError(f"unknown launcher {launcher!r}; valid: {', '.join(LAUNCHERS)}")
+    if launcher == "slurm" and shutil.which("sbatch") is None:
+        raise ValueError("launcher 'slurm' needs Slurm's sbatch, which is not on PATH here; valid launchers on this "
+                         "machine: local, submitit-local")
+    given = cluster if cluster is not None else ClusterOptions()
+    if launcher == "local":
+        if given != ClusterOptions():
+            raise ValueError("--partition, --gpus-per-run, --cpus-per-run, --time-min, --mem-gb and --slurm-arg "
+                             "apply to --launcher slurm or submitit-local, not local")
+        if not wait:
+            raise ValueError("--no-wait needs a job launcher (slurm or submitit-local); the local launcher runs "
+                             "here and waits")
+    if launcher == "submitit-local" and (given.partition or given.slurm_args):
+        raise ValueError("--partition and --slurm-arg apply to --launcher slurm only")
+    for name, value, low in (("gpus_per_run", given.gpus_per_run, 0), ("cpus_per_run", given.cpus_per_run, 1),
+                             ("time_min", given.time_min, 1), ("mem_gb", given.mem_gb, 1e-9)):
+        if value is not None and value < low:
+            raise ValueError(f"{name.replace('_', '-')}={value}; must be >= {low if low >= 1 or low == 0 else '> 0'}")
+    return given
+
+
+class RunJob(Checkpointable):
+    """One run as a submitit job. It runs the command the local launcher runs (:func:`_command`),
+    chosen when the job starts: a job requeued after a timeout or preemption resumes the run from
+    its last checkpoint. Before requeueing, submitit calls :meth:`checkpoint`, which stops
+    ``vitlab train`` with SIGTERM (it saves a checkpoint at the next step and exits)."""
+
+    def __init__(self, spec: RunSpec, run: Path, cfg_file: Path, threads: int):
+        self.spec, self.run, self.cfg_file, self.threads = spec, Path(run), Path(cfg_file), threads
+        self._proc: Optional[subprocess.Popen] = None
+
+    def __call__(self) -> dict:
+        cmd = _command(self.spec, self.run, self.cfg_file, self.threads)
+        print("vitlab job: " + " ".join(cmd), file=sys.stderr, flush=True)
+        tail: collections.deque = collections.deque(maxlen=20)
+        self._proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+        for line in self._proc.stderr:  # the job's log keeps the run's messages; the last line is the error
+            sys.stderr.write(line)
+            if line.strip():
+                tail.append(line.strip())
+        rc = self._proc.wait()
+        sys.stderr.flush()
+        return {"returncode": rc, "error": "" if rc == 0 else (tail[-1] if tail else f"exit status {rc}")}
+
+    def checkpoint(self, *args, **kwargs):
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            print("vitlab job: stopping the run with SIGTERM before the job is requeued", file=sys.stderr, flush=True)
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=60)  # Slurm signals 90 s before the limit (submitit's signal_delay_s)
+            except subprocess.TimeoutExpired:
+                pass
+        return super().checkpoint(*args, **kwargs)
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_proc"] = None  # a process handle is not picklable (and belongs to this job only)
+        return state
+
+
+def _records_path(out: Path) -> Path:
+    return Path(out) / JOB_DIR / "jobs.json"
+
+
+def _read_records(out: Path) -> Dict[str, dict]:
+    path = _records_path(out)
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except ValueError:
+        return {}
+
+
+def _pid_alive(pid: int) -> bool:
+    """A submitit local job's controller process is still running (not exited, not a zombie)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return b"submitit" in cmdline
+
+
+def _job_active(out: Path, record: dict) -> bool:
+    """Whether a recorded job is still queued or running."""
+    import submitit
+
+    folder = Path(out) / JOB_DIR
+    if record["launcher"] == "slurm":
+        if shutil.which("sacct") is None:
+            return False  # Slurm is not reachable from here: nothing can be known
+        return not submitit.SlurmJob(folder=folder, job_id=str(record["job_id"])).done(force_check=True)
+    return _pid_alive(int(record["job_id"]))
+
+
+def _in_flight(out: Path) -> Dict[str, dict]:
+    """{run name: job record} for the runs whose recorded job is still queued or running."""
+    return {name: rec for name, rec in _read_records(out).items() if _job_active(out, rec)}
+
+
+def _executor(out: Path, launcher: str, cluster: ClusterOptions, jobs: Optional[int]):
+    import submitit
+
+    ex = submitit.AutoExecutor(folder=Path(out) / JOB_DIR, cluster="slurm" if launcher == "slurm" else "local")
+    gpus = cluster.gpus_per_run
+    if gpus is None:
+        if launcher == "slurm":
+            gpus = 0
+        else:
+            import torch
+            gpus = torch.cuda.device_count()
+    params = {"name": f"vitlab-{Path(out).resolve().name}", "timeout_min": int(cluster.time_min), "nodes": 1,
+              "tasks_per_node": 1, "gpus_per_node": int(gpus), "cpus_per_task": cluster.cpus_per_run,
+              "mem_gb": cluster.mem_gb}
+    if launcher == "slurm":
+        params.update(slurm_partition=cluster.partition, slurm_additional_parameters=dict(cluster.slurm_args) or None,
+                      slurm_array_parallelism=jobs)
+    ex.update_parameters(**params)
+    return ex
+
+
+def _run_jobs(specs: List[RunSpec], todo: list, in_flight: Dict[str, dict], out: Path, launcher: str,
+              cluster: ClusterOptions, jobs: Optional[int], threads: int, wait: bool, log: Callable[[str], None],
+              poll_s: Optional[float]) -> dict:
+    """Submit ``todo`` as submitit jobs (files under ``out/slurm/``); with ``wait``, also wait for them
+    and for the still-running jobs of an earlier call (``in_flight``), with progress lines.
+
+    Slurm: one job array, at most ``jobs`` tasks running at once when given. submitit-local: at most
+    ``jobs`` (default 1) at a time while waiting; with ``wait=False`` every job starts at once."""
+    import submitit
+
+    out = Path(out)
+    ex = _executor(out, launcher, cluster, jobs)
+    records = _read_records(out)
+    poll_s = poll_s if poll_s is not None else (30.0 if launcher == "slurm" else 1.0)
+    cap = len(todo) if (launcher == "slurm" or not wait) else (jobs or 1)
+    if launcher == "slurm":
+        what = f"{len(todo)} to submit as one Slurm job array" + (f" (at most {jobs} running at once)" if jobs else "")
+    else:
+        what = f"{len(todo)} to run as submitit local jobs" + (f" ({cap} at a time)" if wait else " (all at once)")
+    log(f"{len(specs)} runs: {len(specs) - len(todo) - len(in_flight)} already done, "
+        + (f"{len(in_flight)} still running as jobs of an earlier call, " if in_flight else "")
+        + f"{what}; job files in {out / JOB_DIR}")
+    items = {spec.name: (spec, run, cfg_file) for spec, run, cfg_file in todo}
+    queue = list(items)
+    active: Dict[str, object] = {}  # name -> submitit job (None: a local job of an earlier call)
+
+    def submit(names: List[str]) -> None:
+        if not names:
+            return
+        fns = [RunJob(items[n][0], items[n][1].resolve(), items[n][2].resolve(), threads) for n in names]
+        with ex.batch():  # one Slurm job array
+            submitted = [ex.submit(fn) for fn in fns]
+        for n, job in zip(names, submitted):
+            records[n] = {"launcher": launcher, "job_id": str(job.job_id), "submitted": time.time()}
+            active[n] = job
+        rundir.write_json(_records_path(out), records)
+
+    for name, rec in in_flight.items():
+        active[name] = (submitit.SlurmJob(folder=out / JOB_DIR, job_id=str(rec["job_id"]))
+                        if rec["launcher"] == "slurm" else None)
+    submit(queue[:cap])
+    queue = queue[cap:]
+    if not wait:
+        ids = sorted({str(records[n]["job_id"]).split("_")[0] for n in active})
+        log(f"{len(todo)} job(s) submitted; job id(s) in flight: {', '.join(ids) or 'none'}. `vitlab report {out}` "
+            f"once they finish, or the same `vitlab compare` command again to wait for them")
+        return {s.name: run_state(out / "runs" / s.name) for s in specs}
+
+    tally = _Tally(len(active) + len(queue), log)
+    seen = ""
+    try:
+        while active or queue:
+            for name, job in list(active.items()):
+                done = (not _pid_alive(int(records[name]["job_id"]))) if job is None else job.done()
+                if not done:
+                    continue
+                del active[name]
+                err = ""
+                if job is not None:
+                    try:
+                        result = job.result()
+                        err = result["error"] if isinstance(result, dict) else ""
+                    except Exception as e:  # cancelled, killed, out of memory, node failure ...
+                        err = (str(e).strip().splitlines() or [type(e).__name__])[-1]
+                run = out / "runs" / name
+                if err or run_state(run) != "finished":
+                    err = err or (f"job {records[name]['job_id']} ended without finishing the run; its log is "
+                                  f"in {out / JOB_DIR}")
+                final = run / "final.json"
+                seconds = json.loads(final.read_text()).get("seconds") if final.is_file() and not err else None
+                tally.finished(name, run, err, seconds or 0.0)
+            if queue and len(active) < cap:
+                n = cap - len(active)
+                submit(queue[:n])
+                queue = queue[n:]
+            states = collections.Counter(("running" if job is None else str(job.state).lower())
+                                         for job in active.values())
+            line = ", ".join(f"{v} {k}" for k, v in sorted(states.items()))
+            if active and line != seen:
+                log(f"jobs: {line}; {tally.done}/{tally.total} done"
+                    + (f", {len(queue)} not yet submitted" if queue else ""))
+                seen = line
+            if active or queue:
+                time.sleep(poll_s)
+    except KeyboardInterrupt:
+        log(f"stopped waiting; submitted jobs keep running (job files in {out / JOB_DIR}); the same command again "
+            f"waits for them, `vitlab report {out}` reports what has finished")
+        raise
     return {s.name: run_state(out / "runs" / s.name) for s in specs}

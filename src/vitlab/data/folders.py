@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 # Split folder pairs we recognise: Kaggle's brain-tumour MRI layout, then the usual lower-case one.
 SPLIT_PAIRS = (("Training", "Testing"), ("train", "test"))
@@ -22,16 +22,52 @@ def split_folders(root: Path) -> Tuple[Path, Optional[Path]]:
     return root, None
 
 
-def class_files(tree: Path, kind: str) -> Dict[str, List[Path]]:
-    """{class name: sorted files} for the class folders of ``tree`` (hidden entries ignored).
+def class_list(classes: Union[str, Sequence[str]], kind: str) -> List[str]:
+    """A class subset: a list of class folder names, or the path of a text file with one class per
+    line (the usual ImageNet-100 list: the first word of each line is the folder name, e.g.
+    ``n01440764`` or ``n01440764 tench``; blank lines and ``#`` comments are skipped)."""
+    if isinstance(classes, (str, Path)):
+        path = Path(classes).expanduser()
+        if not path.is_file():
+            raise ValueError(f"{kind} option classes={str(classes)!r}: no such file; give a list of class folder "
+                             f"names or a text file with one class per line")
+        names = [line.split()[0] for line in path.read_text().splitlines()
+                 if line.strip() and not line.lstrip().startswith("#")]
+    elif isinstance(classes, (list, tuple)):
+        names = [str(c) for c in classes]
+    else:
+        raise ValueError(f"{kind} option classes={classes!r}; expected a list of class folder names or the path "
+                         f"of a text file with one class per line")
+    if not names:
+        raise ValueError(f"{kind} option classes={classes!r} names no class")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"{kind} option classes lists {repeated[0]!r} more than once")
+    return names
+
+
+def class_files(tree: Path, kind: str, only: Optional[Sequence[str]] = None) -> Dict[str, List[Path]]:
+    """{class name: sorted files} for the class folders of ``tree`` (hidden entries ignored), in
+    folder-name order; ``only``: just these classes (the others are not even listed).
 
     Raises:
-        ValueError: ``tree`` has no class folders, or a class folder holds no files (naming it).
+        ValueError: ``tree`` has no class folders, a class folder holds no files (naming it), or a
+            class of ``only`` is not a folder there (naming it and the valid ones).
     """
     classes = _visible_dirs(tree)
     if not classes:
         raise ValueError(f"{kind}: {tree} holds no class folders; expected one sub-folder per class "
                          f"(optionally under {SPLIT_PAIRS[0][0]}/ and {SPLIT_PAIRS[0][1]}/)")
+    if only is not None:
+        valid = [p.name for p in classes]
+        missing = [c for c in only if c not in set(valid)]
+        if missing:
+            more = f" ({len(missing)} of the {len(only)} listed are not)" if len(missing) > 1 else ""
+            shown = ", ".join(valid[:20]) + (f", ... ({len(valid)} class folders)" if len(valid) > 20 else "")
+            raise ValueError(f"{kind} option classes: {missing[0]!r} is not a class folder under {tree}{more}; "
+                             f"valid: {shown}")
+        keep = set(only)
+        classes = [p for p in classes if p.name in keep]
     out = {}
     for folder in classes:
         files = sorted(p for p in folder.rglob("*") if p.is_file()

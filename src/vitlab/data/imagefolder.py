@@ -12,7 +12,7 @@ from PIL import Image
 import functools
 
 from .base import DATASETS, ArrayDataset, DataBundle, FileDataset
-from .folders import check_same_classes, class_files, split_folders
+from .folders import check_same_classes, class_files, class_list, split_folders
 from .locate import find_root, register_place
 
 
@@ -36,11 +36,18 @@ def _size(img_size) -> Optional[Tuple[int, int]]:
     return size
 
 
-def decode(path: Path, channels: int, size: Optional[Tuple[int, int]]) -> np.ndarray:
+def decode(path: Path, channels: int, size: Optional[Tuple[int, int]], resize: Optional[int] = None) -> np.ndarray:
     """One image as uint8 (C, H, W): grey, palette, RGB, RGBA, 16-bit or float images; resized with
-    Pillow's bilinear filter, which is antialiased when shrinking. Raises Pillow's errors (OSError,
-    ValueError, ...) for a file it cannot decode."""
+    Pillow's bilinear filter, which is antialiased when shrinking. With ``resize``: the shorter side
+    is resized to ``resize`` (aspect kept, antialiased bilinear) and the centre ``size`` cropped, by
+    torchvision.transforms.v2 on the PIL image; a JPEG at least twice that size is decoded at a
+    reduced DCT scale first (Pillow's ``draft``), never below the resize target. Raises Pillow's
+    errors (OSError, ValueError, ...) for a file it cannot decode."""
     with Image.open(path) as img:
+        if resize is not None and img.format == "JPEG":
+            w, h = img.size
+            short = min(w, h)
+            img.draft("L" if channels == 1 else "RGB", (-(-w * resize // short), -(-h * resize // short)))
         img.load()  # decode now so a truncated file fails here
         if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
             # 16-bit / float (common for medical PNG/TIFF): Pillow's convert("L") clips, so min-max scale.
@@ -49,7 +56,12 @@ def decode(path: Path, channels: int, size: Optional[Tuple[int, int]]) -> np.nda
             arr = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
             img = Image.fromarray(np.round(arr).astype(np.uint8), mode="L")
         img = img.convert("L" if channels == 1 else "RGB")  # RGBA -> RGB drops alpha, grey -> RGB replicates
-        if size is not None and img.size != (size[1], size[0]):
+        if resize is not None:
+            from torchvision.transforms import InterpolationMode
+            from torchvision.transforms.v2 import functional as TF
+            img = TF.resize(img, [resize], interpolation=InterpolationMode.BILINEAR, antialias=True)
+            img = TF.center_crop(img, [size[0], size[1]])
+        elif size is not None and img.size != (size[1], size[0]):
             img = img.resize((size[1], size[0]), Image.Resampling.BILINEAR)
         arr = np.array(img, dtype=np.uint8)  # a writable copy, for torch.from_numpy
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)  # (C, H, W)
@@ -84,11 +96,11 @@ def _walk(tree: Path, files: Dict[str, List[Path]], read, on_bad_image: str, ski
                              f"({len(paths)} file(s) Pillow cannot decode)")
 
 
-def _read_tree(tree: Path, files: Dict[str, List[Path]], channels: int, size, on_bad_image: str,
+def _read_tree(tree: Path, files: Dict[str, List[Path]], channels: int, size, resize, on_bad_image: str,
                skipped: List[Path]) -> ArrayDataset:
     images: Optional[torch.Tensor] = None
     labels: List[int] = []
-    reader = functools.partial(decode, channels=channels, size=size)
+    reader = functools.partial(decode, channels=channels, size=size, resize=resize)
     for label, path, arr in _walk(tree, files, reader, on_bad_image, skipped):
         if images is None:  # preallocate once the size is known: the folder may be large
             images = torch.empty((sum(len(p) for p in files.values()), *arr.shape), dtype=torch.uint8)
@@ -102,12 +114,12 @@ def _read_tree(tree: Path, files: Dict[str, List[Path]], channels: int, size, on
     return ArrayDataset(images, torch.tensor(labels, dtype=torch.int64), list(files), "imagefolder")
 
 
-def _list_tree(tree: Path, files: Dict[str, List[Path]], channels: int, size, on_bad_image: str,
+def _list_tree(tree: Path, files: Dict[str, List[Path]], channels: int, size, resize, on_bad_image: str,
                skipped: List[Path]) -> FileDataset:
-    """The tree as a :class:`FileDataset`: every file is checked now, its pixels decoded when a
-    worker asks for the item."""
+    """The tree as a :class:`FileDataset`: every file is checked now, its pixels decoded (and
+    resized / cropped) when a worker asks for the item."""
     found = [(label, path) for label, path, _ in _walk(tree, files, _verify, on_bad_image, skipped)]
-    reader = functools.partial(decode, channels=channels, size=size)
+    reader = functools.partial(decode, channels=channels, size=size, resize=resize)
     return FileDataset([p for _, p in found], torch.tensor([lb for lb, _ in found], dtype=torch.int64), list(files),
                        "imagefolder", reader, tuple(reader(found[0][1]).shape))
 
@@ -115,13 +127,25 @@ def _list_tree(tree: Path, files: Dict[str, List[Path]], channels: int, size, on
 @DATASETS.register("imagefolder", "image tree, one folder per class (optionally Training/ + Testing/), any "
                                   "format Pillow reads, resized to img_size")
 def imagefolder(root: Optional[str], seed: int, *, img_size: Union[int, Tuple[int, int], None] = 224,
-                channels: int = 3, on_bad_image: str = "skip", stream: bool = False) -> DataBundle:
+                channels: int = 3, on_bad_image: str = "skip", stream: bool = False,
+                classes: Union[None, str, List[str]] = None, resize: Optional[int] = None) -> DataBundle:
     """Options: ``img_size`` (int or (H, W); None keeps the files' size, which must then agree),
     ``channels`` (1: grey, 3: RGB), ``on_bad_image`` (``skip``: one warning with the count;
     ``fail``: ValueError naming the file), ``stream`` (decode on demand in DataLoader workers
-    instead of holding the folder in memory: for ImageNet-scale trees; needs ``img_size``)."""
+    instead of holding the folder in memory: for ImageNet-scale trees; needs ``img_size``),
+    ``classes`` (a subset: a list of class folder names, or a text file with one per line such as
+    an ImageNet-100 list; labels follow folder-name order), ``resize`` (shorter side to this many
+    pixels, then the centre ``img_size`` crop, as ImageNet evaluation does (256 -> 224); default:
+    every image squeezed to ``img_size``)."""
     if stream and img_size is None:
         raise ValueError("imagefolder option stream=true needs img_size (streamed batches need one size)")
+    if resize is not None:
+        if img_size is None:
+            raise ValueError(f"imagefolder option resize={resize!r} needs img_size (the size of the centre crop)")
+        if isinstance(resize, bool) or not isinstance(resize, int) or resize < max(_size(img_size)):
+            raise ValueError(f"imagefolder option resize={resize!r}; expected an int >= the largest side of "
+                             f"img_size={img_size!r} (the shorter side is resized to it, then cropped)")
+    wanted = class_list(classes, "imagefolder") if classes is not None else None
     if channels not in (1, 3):
         raise ValueError(f"imagefolder option channels={channels!r}; valid: 1, 3")
     if on_bad_image not in ("skip", "fail"):
@@ -129,14 +153,14 @@ def imagefolder(root: Optional[str], seed: int, *, img_size: Union[int, Tuple[in
     size = _size(img_size)
     folder = find_root("imagefolder", root)
     train_dir, test_dir = split_folders(folder)
-    train_files = class_files(train_dir, "imagefolder")
-    test_files = class_files(test_dir, "imagefolder") if test_dir is not None else None
+    train_files = class_files(train_dir, "imagefolder", only=wanted)
+    test_files = class_files(test_dir, "imagefolder", only=wanted) if test_dir is not None else None
     if test_files is not None:  # before decoding anything
         check_same_classes("imagefolder", list(train_files), list(test_files), folder)
     skipped: List[Path] = []
     read = _list_tree if stream else _read_tree
-    train = read(train_dir, train_files, channels, size, on_bad_image, skipped)
-    test = None if test_files is None else read(test_dir, test_files, channels, size, on_bad_image, skipped)
+    train = read(train_dir, train_files, channels, size, resize, on_bad_image, skipped)
+    test = None if test_files is None else read(test_dir, test_files, channels, size, resize, on_bad_image, skipped)
     if skipped:
         warnings.warn(f"imagefolder: skipped {len(skipped)} file(s) under {folder} that are not readable images "
                       f"(first: {skipped[0]}); on_bad_image='fail' stops at the first")

@@ -77,4 +77,9 @@ def find_root(name: str, root: Optional[str] = None) -> Path:
             if found is not None:
                 return found
     looked = "; ".join(label for label, _ in candidates(name, root))
+    given = Path(root).expanduser() if root is not None else None
+    if given is not None and given.exists():  # "not found" alone would be misleading: say what is there
+        what = "a file" if given.is_file() else "a folder"
+        raise FileNotFoundError(f"dataset {name!r} not found: data.root {given} is {what} that does not hold it "
+                                f"in a layout vitlab reads. To get it: {PLACES[name].how}")
     raise FileNotFoundError(f"dataset {name!r} not found; looked in: {looked}. To get it: {PLACES[name].how}")

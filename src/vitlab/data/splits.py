@@ -138,6 +138,12 @@ def make_splits(bundle: DataBundle, *, val_fraction: float = 0.1, seed: int = 0,
         train, val, test = (pool[p] for p in stratified_split(labels, fractions, seed))
         scheme = "/".join(f"{100 * f:g}" for f in fractions)
         split = {"train": train, "val": val, "test": test, "scheme": scheme, "seed": int(seed)}
+    # an empty part fails much later with a message about empty arrays (metrics, batching)
+    empty = [name for name, part in (("training", train), ("validation", val), ("test", test)) if len(part) == 0]
+    if empty:
+        raise ValueError(f"too little data: the split of {len(pool)} pool images (val_fraction={val_fraction}"
+                         f"{'' if bundle.test is not None else f', test_fraction={test_fraction}'}) leaves the "
+                         f"{' and '.join(empty)} set empty; use more images or larger fractions")
     split["leakage"] = None
     if dedupe or check_leakage:
         parts = {"train": train.numpy(), "val": val.numpy(), "test": test.numpy()}

@@ -18,7 +18,8 @@ class ModelConfig(BaseModel):
     """Every field of the ``vit`` backbone. ``img_size``/``patch_size`` are normalised to tuples of
     the model's dimensionality: (H, W) for images, (H, W, D) for volumes."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: mlp_ratio=inf passes gt=0 and only fails when the MLP is built
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     img_size: Size = 224
     patch_size: Size = 16
@@ -85,8 +86,13 @@ class ModelConfig(BaseModel):
         for what, build in checks:
             try:
                 build()
-            except (ValueError, TypeError) as err:
+            except (ValueError, TypeError, OverflowError) as err:  # OverflowError: int(inf) of a free-form option
                 raise ValueError(f"{what}: {err}") from None
+            except (RuntimeError, MemoryError) as err:
+                msg = " ".join(str(err).split())
+                if isinstance(err, RuntimeError) and "allocate" not in msg and "out of memory" not in msg:
+                    raise
+                raise ValueError(f"{what}: too large to build in this machine's memory ({msg[:160]})") from None
 
     @property
     def ndim(self) -> int:
@@ -132,7 +138,7 @@ def make_config(size: str | None = None, **kwargs) -> ModelConfig:
     Raises ValueError naming the offending value and what would be valid."""
     base = {}
     if size is not None:
-        if size not in SIZES:
+        if not isinstance(size, str) or size not in SIZES:  # a list or mapping is not a name (nor hashable)
             raise ValueError(f"unknown size {size!r}; valid: {', '.join(SIZES)}")
         base = dict(SIZES[size])
     base.update(kwargs)

@@ -92,6 +92,18 @@ class BatchAugment:
             from timm.data.random_erasing import RandomErasing
             self.erase = RandomErasing(probability=random_erasing, mode="pixel", device=str(device))
 
+    @classmethod
+    def from_config(cls, cfg, *, mean: torch.Tensor, std: torch.Tensor, num_classes: int, channels: int,
+                    img_size: Optional[Tuple[int, ...]], seed: int, device: torch.device) -> "BatchAugment":
+        """The augmentation a run's config (``data.*`` augmentation keys, ``train.label_smoothing``)
+        asks for: what training and ``vitlab bench --input`` apply."""
+        d = cfg.data
+        return cls(mean=mean, std=std, num_classes=num_classes, hflip=d.hflip, crop_pad=d.crop_pad, mixup=d.mixup,
+                   cutmix=d.cutmix, mix_prob=d.mix_prob, random_erasing=d.random_erasing,
+                   auto_augment=d.auto_augment, affine_degrees=d.affine_degrees,
+                   affine_translate=d.affine_translate, affine_scale=d.affine_scale, channels=channels,
+                   label_smoothing=cfg.train.label_smoothing, img_size=img_size, seed=seed, device=device)
+
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         x = match_channels(x, self.channels).float().div_(255)
         shape = (1, -1) + (1,) * (x.dim() - 2)

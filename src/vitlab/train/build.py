@@ -51,6 +51,9 @@ def build_timm(name: str, cfg: RunConfig, in_chans: int, num_classes: int, img_s
         _check_hub_reachable(name)
     if "vit" in name or "deit" in name:
         kwargs.setdefault("img_size", img_size[0] if len(set(img_size)) == 1 else img_size)
+        # at the trained size the output is unchanged; at another size timm resamples its position
+        # table instead of refusing the input, so the report's resolution sweep covers timm ViTs too
+        kwargs.setdefault("dynamic_img_size", True)
     try:
         model = timm.create_model(name, pretrained=bool(pretrained), num_classes=num_classes, in_chans=in_chans,
                                   **kwargs, **extra)

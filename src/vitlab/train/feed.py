@@ -58,7 +58,9 @@ class StreamFeed:
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
     def sample(self, n: int) -> torch.Tensor:
-        return torch.stack([self.ds[i][0] for i in range(min(n, len(self.ds)))]).to(self.device)
+        """The first ``n`` items (normalisation statistics, probes), decoded by the workers too."""
+        idx = torch.arange(min(n, len(self.ds)))
+        return torch.cat([x for x, _ in self.batches(idx, 256)])
 
 
 def make_feed(ds, device: torch.device, workers: int = 2, seed: int = 0):

@@ -6,6 +6,7 @@ final.json.
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import random
@@ -52,6 +53,13 @@ def pick_device(name: str, dinfo: Optional[DistInfo] = None) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"train.device={name!r} but no CUDA device is available; use train.device=cpu")
     return dev
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``train.precision``: ``auto`` is bf16 autocast on a CUDA device with bf16 support, fp32 elsewhere."""
+    if precision != "auto":
+        return precision
+    return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
 
 
 def lr_lambda(total_steps: int, warmup_steps: int, base_lr: float, min_lr: float) -> Callable[[int], float]:
@@ -227,14 +235,9 @@ def train_run(cfg: RunConfig, out_dir: Path, *, resume: bool = False, progress: 
     channels = mcfg.get("in_chans") or in_chans  # the model's: grey data for a colour model is replicated
     stats = match_channels(feed.sample(4096), channels).float().div(255).transpose(0, 1).reshape(channels, -1)
     mean, std = stats.mean(1), stats.std(1).clamp_min(1e-3)
-    augment = BatchAugment(mean=mean, std=std, num_classes=num_classes, hflip=d_cfg.hflip, crop_pad=d_cfg.crop_pad,
-                           mixup=d_cfg.mixup, cutmix=d_cfg.cutmix, mix_prob=d_cfg.mix_prob,
-                           random_erasing=d_cfg.random_erasing, auto_augment=d_cfg.auto_augment,
-                           affine_degrees=d_cfg.affine_degrees, affine_translate=d_cfg.affine_translate,
-                           affine_scale=d_cfg.affine_scale, channels=channels,
-                           label_smoothing=t_cfg.label_smoothing,
-                           img_size=img_size if img_size != data_size else None,
-                           seed=t_cfg.seed + 7919 * dinfo.rank, device=device)
+    augment = BatchAugment.from_config(cfg, mean=mean, std=std, num_classes=num_classes, channels=channels,
+                                       img_size=img_size if img_size != data_size else None,
+                                       seed=t_cfg.seed + 7919 * dinfo.rank, device=device)
     order_gen = torch.Generator().manual_seed(t_cfg.seed)  # the data order: the same on every rank
 
     # ---- recipe
@@ -258,7 +261,8 @@ def train_run(cfg: RunConfig, out_dir: Path, *, resume: bool = False, progress: 
     if t_cfg.ema:
         from timm.utils import ModelEmaV3
         ema = ModelEmaV3(model, decay=t_cfg.ema)
-    autocast = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if t_cfg.precision == "bf16"
+    precision = resolve_precision(t_cfg.precision, device)
+    autocast = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if precision == "bf16"
                 else nullcontext)
     diverge_loss = t_cfg.diverge_loss or 10 * math.log(max(num_classes, 2))
     ddp_model = model
@@ -292,7 +296,7 @@ def train_run(cfg: RunConfig, out_dir: Path, *, resume: bool = False, progress: 
             kept = read_metrics(out_dir / "metrics.jsonl", run["epoch"])
             rundir.atomic_write_text(out_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in kept))
     elif main:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        rundir.make_dir(out_dir)  # one-line error for a file in the way or an unwritable parent
         rundir.atomic_write_text(out_dir / "config.yaml", dump_yaml(cfg))
         rundir.write_json(out_dir / "env.json", {**rundir.environment(device), "world_size": dinfo.world})
         rundir.write_json(out_dir / "split.json", {**split_to_json(split), "source": bundle.source,
@@ -436,12 +440,12 @@ def train_run(cfg: RunConfig, out_dir: Path, *, resume: bool = False, progress: 
         if main:
             rundir.set_status(out_dir, status if status == "diverged" else "failed", run["reason"])
         raise Diverged(f"run {out_dir} {run['reason']}; no epoch finished, so no checkpoint was kept")
-    final = evaluate_run(out_dir, cfg, model, augment, test_feed, test_ds.labels, num_classes, device, autocast,
+    final = evaluate_run(out_dir, cfg, model, augment, test_feed, test_ds, num_classes, device, autocast,
                          mcfg, dinfo)
     train_time = run["train_time"]
     final.update(epochs=run["epoch"], best_epoch=run["best_epoch"], seconds=run["elapsed"],
                  train_images_per_s=run["imgs"] / train_time if train_time else None,
-                 data_share=run["data_time"] / train_time if train_time else None, status=status,
+                 data_share=run["data_time"] / train_time if train_time else None, precision=precision, status=status,
                  reason=run["reason"], world_size=dinfo.world)
     if main:
         rundir.write_json(out_dir / "final.json", final)
@@ -453,16 +457,51 @@ def train_run(cfg: RunConfig, out_dir: Path, *, resume: bool = False, progress: 
     return final
 
 
-def evaluate_run(out_dir, cfg, model, augment, test_feed, test_labels, num_classes, device, autocast, mcfg,
+def evaluate_run(out_dir, cfg, model, augment, test_feed, test_ds, num_classes, device, autocast, mcfg,
                  dinfo: Optional[DistInfo] = None) -> dict:
-    """Test metrics of the best checkpoint, plus cost figures."""
+    """Test metrics of the best checkpoint, plus cost figures and the report's probes (``eval.*``):
+    predictions.npz (labels, class probabilities), accuracy at other resolutions, attention.npz."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    state = rundir.load_checkpoint(Path(out_dir) / "checkpoints" / "best.pt")
+    from ..eval import probes
+
+    dinfo = dinfo or DistInfo()
+    out_dir = Path(out_dir)
+    state = rundir.load_checkpoint(out_dir / "checkpoints" / "best.pt")
     model.load_state_dict(state["ema"] if state.get("ema") is not None else state["model"])
     bs = cfg.train.eval_batch_size
+    test_labels = test_ds.labels
     logits = predict(model, test_feed, augment, bs, autocast, dinfo)
     metrics = classification_metrics(logits, test_labels, num_classes)
+    e_cfg = cfg.eval
+    if e_cfg.predictions and dinfo.is_main:
+        probes.save_npz(out_dir / "predictions.npz", labels=test_labels.numpy().astype(np.int64),
+                        probs=logits.softmax(1).numpy().astype(np.float32))
+    img_size = tuple(mcfg.get("img_size") or test_ds.item_shape[1:])
+    patch = mcfg.get("patch_size") or (1,) * len(img_size)
+    patch = tuple(patch) if isinstance(patch, (list, tuple)) else (patch,) * len(img_size)
+    heights = probes.auto_resolutions(img_size, patch) if e_cfg.resolutions == "auto" else list(e_cfg.resolutions)
+    if heights and len(img_size) == 2:
+        n = min(len(test_ds), e_cfg.resolution_images)
+        sub = test_ds.subset(torch.arange(n))
+        sub_feed = make_feed(sub, device, cfg.data.workers, cfg.train.seed)
+
+        def predict_at(size):
+            resize = copy.copy(augment)  # the same normalisation, another output size
+            resize.img_size = tuple(size)
+            return predict(model, sub_feed, resize, bs, autocast, dinfo)
+
+        metrics["resolution"] = probes.resolution_sweep(predict_at, sub.labels, heights, img_size, patch, num_classes)
+        metrics["resolution_images"] = n
+    if e_cfg.attention_images and dinfo.is_main and len(img_size) == 2:
+        idx = probes.pick_one_per_class(test_labels, e_cfg.attention_images)
+        raw = make_feed(test_ds.subset(idx), device, 0, cfg.train.seed).sample(len(idx))
+        model.eval()
+        with autocast():
+            maps = probes.attention_summary(model, augment.normalize(raw))
+        if maps is not None:
+            probes.save_npz(out_dir / "attention.npz", images=raw.cpu().numpy(), maps=maps,
+                            labels=test_labels[idx].numpy().astype(np.int64))
     x = augment.normalize(test_feed.sample(bs))
     model.eval()
     with torch.no_grad():

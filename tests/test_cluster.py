@@ -1,0 +1,123 @@
+"""Comparisons through submitit: every run one job (submitit's local executor here; Slurm's sbatch
+faked to check the job array it is given); finished runs skipped, partial runs resumed, as locally."""
+import json
+import os
+import stat
+
+import pytest
+
+from test_compare import EXP
+from vitlab.cli import main
+from vitlab.compare import load_experiment, run_compare
+from vitlab.compare.runner import ClusterOptions
+
+ONE_SEED = EXP.replace("seeds: 2", "seeds: 1")  # two arms x one seed: two jobs
+
+
+def test_submitit_local_jobs_finish_then_skip_then_resume(tmp_path, capsys):
+    exp_file = tmp_path / "exp.yaml"
+    exp_file.write_text(ONE_SEED)
+    out = tmp_path / "cmp"
+    assert main(["compare", str(exp_file), "--out", str(out), "--launcher", "submitit-local", "--jobs", "2",
+                 "--time-min", "20"]) == 0
+    captured = capsys.readouterr()
+    assert "2/2 runs finished" in captured.out and (out / "report.md").is_file()
+    assert "2 to run as submitit local jobs (2 at a time)" in captured.err and "[2/2]" in captured.err
+    records = json.loads((out / "slurm" / "jobs.json").read_text())
+    assert set(records) == {"none-s0", "rope_axial-s0"} and {r["launcher"] for r in records.values()} == {"submitit-local"}
+    for name, rec in records.items():  # each job ran the local launcher's command, and logged it
+        log = (out / "slurm" / f"{rec['job_id']}_0_log.err").read_text()
+        assert f"-m vitlab train --quiet {(out / 'configs' / name).resolve()}.yaml --out {(out / 'runs' / name).resolve()}" in log
+    finals = {n: (out / "runs" / n / "final.json").stat().st_mtime for n in records}
+
+    # a second call submits nothing: both runs are finished
+    lines = []
+    states = run_compare(load_experiment(str(exp_file)), out, launcher="submitit-local", log=lines.append)
+    assert set(states.values()) == {"finished"} and "0 to run" in lines[0]
+    assert json.loads((out / "slurm" / "jobs.json").read_text()) == records
+    assert finals == {n: (out / "runs" / n / "final.json").stat().st_mtime for n in records}
+
+    # a partial run (a checkpoint, no final.json) is resumed by its job, not restarted
+    run = out / "runs" / "rope_axial-s0"
+    acc = json.loads((run / "final.json").read_text())["acc1"]
+    (run / "final.json").unlink()
+    (run / "status.json").write_text(json.dumps({"status": "interrupted"}))
+    states = run_compare(load_experiment(str(exp_file)), out, launcher="submitit-local",
+                         cluster=ClusterOptions(time_min=20), log=lines.append)
+    assert set(states.values()) == {"finished"}
+    rec = json.loads((out / "slurm" / "jobs.json").read_text())["rope_axial-s0"]
+    assert rec["job_id"] != records["rope_axial-s0"]["job_id"]
+    assert f"--resume {run.resolve()}" in (out / "slurm" / f"{rec['job_id']}_0_log.err").read_text()
+    assert json.loads((run / "final.json").read_text())["acc1"] == acc
+
+
+def test_no_wait_then_a_later_call_waits_for_the_same_jobs(tmp_path, capsys):
+    exp_file = tmp_path / "exp.yaml"
+    exp_file.write_text(ONE_SEED)
+    out = tmp_path / "cmp"
+    assert main(["compare", str(exp_file), "--out", str(out), "--launcher", "submitit-local", "--no-wait"]) == 0
+    assert "jobs submitted" in capsys.readouterr().out and not (out / "report.md").exists()
+    records = json.loads((out / "slurm" / "jobs.json").read_text())
+    assert len(records) == 2
+    # the jobs are still starting (a Python + torch import at least): the local launcher must not run them too
+    assert main(["compare", str(exp_file), "--out", str(out), "--quiet"]) == 2
+    assert "still queued or running as jobs" in capsys.readouterr().err
+    # a submitit call attaches to them instead of submitting again, and reports when they are done
+    assert main(["compare", str(exp_file), "--out", str(out), "--launcher", "submitit-local"]) == 0
+    captured = capsys.readouterr()
+    assert "2 still running as jobs of an earlier call, 0 to run" in captured.err and "2/2 runs finished" in captured.out
+    assert json.loads((out / "slurm" / "jobs.json").read_text()) == records
+
+
+FAKE_SBATCH = """#!/bin/sh
+cp "$1" "{dest}"
+echo "Submitted batch job 4242"
+"""
+
+
+def test_slurm_job_array_and_no_wait(tmp_path, monkeypatch, capsys):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("sbatch", FAKE_SBATCH.format(dest=tmp_path / "submitted.sh")), ("srun", "#!/bin/sh\n")):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(stat.S_IRWXU)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    exp_file = tmp_path / "exp.yaml"
+    exp_file.write_text(ONE_SEED)
+    out = tmp_path / "cmp"
+    assert main(["compare", str(exp_file), "--out", str(out), "--launcher", "slurm", "--no-wait", "--jobs", "1",
+                 "--partition", "gpu", "--gpus-per-run", "1", "--cpus-per-run", "4", "--time-min", "90",
+                 "--mem-gb", "16", "--slurm-arg", "account=lab"]) == 0
+    assert "vitlab report" in capsys.readouterr().out
+    script = (tmp_path / "submitted.sh").read_text()
+    for line in ("--partition=gpu", "--gpus-per-node=1", "--cpus-per-task=4", "--time=90", "--mem=16GB",
+                 "--account=lab", "--array=0-1%1", f"--output={(out / 'slurm').resolve()}"):
+        assert f"#SBATCH {line}" in script, line
+    records = json.loads((out / "slurm" / "jobs.json").read_text())
+    assert {r["job_id"] for r in records.values()} == {"4242_0", "4242_1"}
+    assert not (out / "runs" / "none-s0" / "final.json").exists()  # nothing ran here
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["--launcher", "kubernetes"], ["'kubernetes'", "local, slurm, submitit-local"]),
+    (["--launcher", "local", "--partition", "gpu"], ["--partition", "slurm or submitit-local"]),
+    (["--no-wait"], ["--no-wait", "slurm or submitit-local"]),
+    (["--launcher", "submitit-local", "--slurm-arg", "account=x"], ["--slurm-arg", "slurm only"]),
+    (["--launcher", "submitit-local", "--cpus-per-run", "0"], ["cpus-per-run=0"]),
+])
+def test_bad_launcher_options_are_one_line_errors(tmp_path, argv, words, capsys):
+    exp_file = tmp_path / "exp.yaml"
+    exp_file.write_text(ONE_SEED)
+    assert main(["compare", str(exp_file), "--out", str(tmp_path / "o"), *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and all(w in err for w in words), err
+    assert not (tmp_path / "o").exists()  # refused before anything is written
+
+
+def test_slurm_without_sbatch_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch there
+    exp_file = tmp_path / "exp.yaml"
+    exp_file.write_text(ONE_SEED)
+    assert main(["compare", str(exp_file), "--out", str(tmp_path / "o"), "--launcher", "slurm"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "sbatch" in err and "local, submitit-local" in err

@@ -1,0 +1,91 @@
+"""ImageNet-100-style input: class subsets (a list or an ImageNet-100 list file), resize + centre crop
+at load (in the decoding workers when streamed), and `vitlab bench --input`'s throughput report, on a
+small ImageFolder of JPEGs written here."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vitlab.bench import run_input_bench
+from vitlab.cli import main
+from vitlab.data import load_dataset
+from vitlab.data.base import FileDataset
+
+
+@pytest.fixture
+def tree(tmp_path):
+    """3 classes x 10 JPEGs of 64x48 (W x H): grey 128 inside a 2-pixel white frame, class-coded corner."""
+    root = tmp_path / "imagenet"
+    for c in range(3):
+        (root / f"n0{c}").mkdir(parents=True)
+        for i in range(10):
+            img = np.full((48, 64, 3), 128, np.uint8)
+            img[:2], img[-2:], img[:, :2], img[:, -2:] = 255, 255, 255, 255
+            img[4:8, 4:8] = 40 * c + i
+            Image.fromarray(img).save(root / f"n0{c}" / f"{i}.JPEG", quality=95)
+    return root
+
+
+def test_class_subset_from_a_list_and_from_a_list_file(tree, tmp_path):
+    bundle = load_dataset("imagefolder", str(tree), img_size=16, classes=["n02", "n00"])
+    assert bundle.train.classes == ["n00", "n02"] and len(bundle.train) == 20  # folder-name order
+    assert bundle.train.labels.tolist() == [0] * 10 + [1] * 10
+    listing = tmp_path / "imagenet100.txt"
+    listing.write_text("# the usual list: one class per line, words after the id ignored\nn01 goldfish\n\nn02\n")
+    streamed = load_dataset("imagefolder", str(tree), img_size=16, classes=str(listing), stream=True)
+    assert isinstance(streamed.train, FileDataset) and streamed.train.classes == ["n01", "n02"]
+    assert len(streamed.train) == 20 and all("n00" not in str(p) for p in streamed.train.paths)
+
+
+@pytest.mark.parametrize("classes,words", [
+    (["n00", "n07"], ["'n07' is not a class folder", "valid: n00, n01, n02"]),
+    (["n00", "n00"], ["'n00' more than once"]),
+    ("missing-list.txt", ["'missing-list.txt': no such file"]),
+])
+def test_bad_class_subsets_are_one_line_errors(tree, classes, words):
+    with pytest.raises(ValueError) as err:
+        load_dataset("imagefolder", str(tree), img_size=16, classes=classes)
+    assert "\n" not in str(err.value) and all(w in str(err.value) for w in words), str(err.value)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_resize_shorter_side_then_centre_crop(tree, stream):
+    # 64x48 -> shorter side 40 (53x40) -> centre 32 (H) x 24 (W): the frame is cropped away
+    bundle = load_dataset("imagefolder", str(tree), img_size=(32, 24), resize=40, stream=stream)
+    train = bundle.train
+    assert train.item_shape == (3, 32, 24)
+    images = torch.stack([train[i][0] for i in range(len(train))]) if stream else train.images
+    assert images.shape == (30, 3, 32, 24)
+    assert (images.int() - 128).abs().max() <= 12  # grey only (JPEG noise): no frame, no corner mark
+    squeezed = load_dataset("imagefolder", str(tree), img_size=(32, 24)).train.images  # the old squeeze keeps both
+    assert squeezed.shape == (30, 3, 32, 24) and squeezed.max() > 200
+    with pytest.raises(ValueError, match="resize=20; expected an int >= the largest side"):
+        load_dataset("imagefolder", str(tree), img_size=(32, 24), resize=20)
+
+
+def test_input_bench_reports_throughput_per_worker_count(tree):
+    overrides = [f"data.root={tree}", "data.options.img_size=[32,24]", "data.options.resize=40",
+                 "data.options.classes=[n00,n01]", "train.device=cpu"]
+    result = run_input_bench("imagenet100-clearvit-quick", overrides, workers=[0, 2], batches=3, warmup=1, batch=4)
+    assert result["streamed"] and result["train_images"] == 20 and result["classes"] == 2
+    assert result["item_shape"] == [3, 32, 24]
+    assert [r["workers"] for r in result["rows"]] == [0, 2]
+    for row in result["rows"]:
+        assert row["images"] == 12 and row["img_s"] > 0 and row["first_batch_s"] > 0
+    with pytest.raises(ValueError, match="fewer than the 1 \\+ 9 asked for"):
+        run_input_bench("imagenet100-clearvit-quick", overrides, workers=[0], batches=9, warmup=1, batch=4)
+
+
+def test_input_bench_cli(tree, capsys):
+    argv = ["bench", "--input", "imagenet100-clearvit-quick", f"data.root={tree}", "data.options.img_size=24",
+            "data.options.resize=24", "train.device=cpu", "--workers", "1", "--steps", "2", "--warmup", "1",
+            "--batch", "5", "--quiet"]
+    assert main(argv + ["--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["rows"][0]["workers"] == 1 and result["rows"][0]["images"] == 10 and result["rows"][0]["img_s"] > 0
+    assert main(argv) == 0
+    assert "| workers | images |" in capsys.readouterr().out
+    assert main(["bench", "data.root=x"]) == 2
+    assert "need --input" in capsys.readouterr().err
