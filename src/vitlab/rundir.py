@@ -16,7 +16,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Callable
 
 import torch
 
@@ -87,24 +87,30 @@ def check_output_dir(path: Path) -> None:
             raise OutputError(f"cannot write into {path}: the output directory {existing} {why}", err.errno) from err
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary name in the same folder, fsync, rename; nothing is left behind on failure."""
+def _atomic_write(path: Path, write: Callable[[BinaryIO], None], failures=(OSError,)) -> None:
+    """``write(f)`` into a temporary file in the same folder, fsync, rename: a reader never sees half a
+    file, and nothing is left behind on failure. Our own file object, closed (its blocks freed once
+    unlinked) even when ``write`` fails; ``failures`` become one-line :class:`OutputError`s."""
     path = Path(path)
     make_dir(path.parent)
     tmp = None
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as err:
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
-        if isinstance(err, OSError) and not isinstance(err, OutputError):
+        if isinstance(err, failures) and not isinstance(err, OutputError):
             raise output_error(path, err) from err
         raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    _atomic_write(path, lambda f: f.write(data))
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -130,25 +136,9 @@ def append_jsonl(path: Path, obj: Any) -> None:
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
-    """torch.save to a temporary file, then rename (a crash never leaves a truncated checkpoint)."""
-    path = Path(path)
-    make_dir(path.parent)
-    tmp = None
-    try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        # our own file object: closed (its blocks freed once unlinked) even when torch.save fails,
-        # and the OSError of a failed write is kept in torch's RuntimeError's context
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as err:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
-        if isinstance(err, (OSError, RuntimeError)) and not isinstance(err, OutputError):
-            raise output_error(path, err) from err
-        raise
+    """torch.save, atomically (a crash never leaves a truncated checkpoint). A full disk surfaces as
+    torch's RuntimeError with the OSError in its context: both become one-line errors."""
+    _atomic_write(path, lambda f: torch.save(state, f), failures=(OSError, RuntimeError))
 
 
 def load_checkpoint(path: Path) -> dict:
