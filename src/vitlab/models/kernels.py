@@ -202,7 +202,9 @@ class Differential(Kernel):
         return self.combine(a1, a2)
 
     def finish(self, o: torch.Tensor) -> torch.Tensor:
-        return self.sub_norm(o) * (1 - self.lambda_init)
+        # in float32 like autocast's LayerNorm: a bf16 input with the float32 weight misses torch's
+        # fused RMSNorm and normalises in reduced precision
+        return self.sub_norm(o.float()).to(o.dtype) * (1 - self.lambda_init)
 
     def forward(self, q, k, v, scale, grid):
         (q1, q2), (k1, k2), v = self.pair(q), self.pair(k), self.wide_values(v)
