@@ -358,6 +358,10 @@ CATALOGUE = [
     case("bench-zero-batch", nothing, ["bench", "--shape", "string-mnist", "--variants", "none", "--steps", "1",
                                        "--warmup", "0", "--batch", "0"], "batch", ">= 1"),
     case("bench-unknown-precision", nothing, ["bench", "--precision", "fp16"], "'fp16'", "bf16"),
+    case("bench-save-not-json", nothing, ["bench", "--variants", "none", "--save", "{tmp}/bench.md"], "--save",
+         ".json"),
+    case("bench-save-into-a-file", files(**{"f": "x"}), ["bench", "--variants", "none", "--save", "{tmp}/f/b.json"],
+         "{tmp}/f", "is a file"),
     # --- configs and overrides
     case("unknown-preset", nothing, ["train", "fashion-mnits", "--quiet"], "unknown preset 'fashion-mnits'",
          "fashion-mnist-quick"),

@@ -54,3 +54,16 @@ def test_cli_errors_are_one_line(argv, words, capsys):
     assert err.startswith("vitlab: error: ") and err.count("\n") == 1
     for w in words:
         assert w in err
+
+
+def test_bench_save_writes_json_and_table(tmp_path, capsys):
+    from vitlab.cli import main
+
+    out = tmp_path / "nested" / "cpu.json"
+    assert main(["bench", "--shape", "string-mnist", "--variants", "none,pope", "--batch", "2", "--steps", "1",
+                 "--warmup", "0", "--quiet", "--save", str(out)]) == 0
+    printed = capsys.readouterr().out
+    saved = json.loads(out.read_text())
+    assert [r["variant"] for r in saved["rows"]] == ["none", "pope"] and saved["shape"] == "string-mnist"
+    assert out.with_suffix(".md").read_text() == printed  # the table printed is the table saved
+    assert not list(out.parent.glob(".*.tmp"))

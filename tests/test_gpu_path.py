@@ -145,3 +145,37 @@ def test_bench_times_compiled_models():
     assert "torch.compile (aot_eager)" in format_table(result)
     with pytest.raises(ValueError, match="warmup"):
         run_bench(shape="string-mnist", variants=["none"], warmup=0, compile=True)
+
+
+def test_bench_reports_the_attention_kernel_each_variant_runs():
+    """The bench's ``attention`` column is read off torch's profiler. On CPU in fp32 the equal-width
+    kernels go to torch's CPU flash kernel, PoPE (q/k twice as wide as v) and the differential kernel
+    (v twice as wide) to vitlab's written-out route, PoPE + differential (both twice as wide) back to
+    flash; timm's Attention uses SDPA too. In bf16 on CPU every vitlab kernel is written out."""
+    from vitlab.bench import run_bench
+
+    res = run_bench(shape="string-mnist", variants=["none", "rope_axial", "pope", "string_cayley", "differential",
+                                                     "pope+differential", "timm"], batch=2, steps=1, warmup=0)
+    got = {r["variant"]: r["attention"] for r in res["rows"]}
+    assert got == {"none": "flash (cpu)", "rope_axial": "flash (cpu)", "pope": "written out",
+                   "string_cayley": "flash (cpu)", "string_cayley (folded)": "flash (cpu)",
+                   "differential": "written out", "pope+differential": "flash (cpu)", "timm": "flash (cpu)"}
+    bf16 = run_bench(shape="string-mnist", variants=["none", "pope"], batch=2, steps=1, warmup=0, precision="bf16")
+    assert {r["attention"] for r in bf16["rows"]} == {"written out"}
+
+
+def test_attention_kernels_names_sdpa_fallbacks():
+    """A call that torch serves with its unfused math fallback is reported as such, not as a fused kernel."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from vitlab.bench import attention_kernels
+
+    q = torch.randn(1, 2, 5, 8)
+
+    def run():
+        with sdpa_kernel([SDPBackend.MATH]):
+            F.scaled_dot_product_attention(q, q, q)
+
+    assert attention_kernels(run) == "math"
+    assert attention_kernels(lambda: F.scaled_dot_product_attention(q, q, q)) == "flash (cpu)"
+    assert attention_kernels(lambda: (q @ q.transpose(-1, -2)).softmax(-1) @ q) == "written out"

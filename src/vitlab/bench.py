@@ -9,11 +9,12 @@ the same precision (fp32, or bf16 under autocast).
 from __future__ import annotations
 
 import copy
+import os
 import platform
 import statistics
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
@@ -163,6 +164,47 @@ def step_flops(model, x, y) -> int:
     return counter.get_total_flops()
 
 
+# The aten ops that ``F.scaled_dot_product_attention`` dispatches to, as the bench table names them.
+SDPA_OPS = {
+    "aten::_scaled_dot_product_flash_attention": "flash",
+    "aten::_scaled_dot_product_flash_attention_for_cpu": "flash (cpu)",
+    "aten::_scaled_dot_product_efficient_attention": "mem-efficient",
+    "aten::_scaled_dot_product_cudnn_attention": "cudnn",
+    "aten::_scaled_dot_product_fused_attention_overrideable": "fused (backend)",
+    "aten::_scaled_dot_product_attention_math": "math",
+    "aten::_scaled_dot_product_attention_math_for_mps": "math",
+}
+
+
+@contextmanager
+def _quiet_stderr_fd():
+    """Silence file descriptor 2 (not just ``sys.stderr``): some torch builds' profiler backend prints
+    a line from C++ at every start and stop, which would interleave with the bench's own progress."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def attention_kernels(fn: Callable[[], None]) -> str:
+    """Which attention kernels ``fn`` (one train step's forward + backward, or one forward) runs, read
+    off torch's profiler: the fused SDPA kernels torch dispatched to (``flash``, ``mem-efficient``,
+    ``cudnn``, ``flash (cpu)``; ``math`` is SDPA's unfused fallback), or ``written out`` where the
+    model never calls SDPA (vitlab's own GEMM + softmax + GEMM route). This is how the bench shows
+    whether a q/k PE keeps torch's fused kernels on the device it runs on."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with _quiet_stderr_fd(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    seen = {SDPA_OPS[e.name] for e in prof.events() if e.name in SDPA_OPS}
+    return " + ".join(sorted(seen)) if seen else "written out"
+
+
 def _timed(fn: Callable[[], None], device) -> float:
     _sync(device)
     t = time.perf_counter()
@@ -215,6 +257,18 @@ def run_bench(shape: str = "string-cifar", variants: Optional[List[str]] = None,
     with autocast():
         flops = {k: step_flops(m, x, y) for k, m in models.items()}
     params = {k: sum(p.numel() for p in m.parameters()) for k, m in infer_models.items()}
+    kernels = {}
+    for k, m in infer_models.items():  # eager models, before any compile
+        if k in models:
+            def step(m=m):
+                with autocast():
+                    F.cross_entropy(m(x).float(), y).backward()
+                m.zero_grad(set_to_none=True)
+        else:  # a folded STRING copy: inference only
+            def step(m=m):
+                with torch.inference_mode(), autocast():
+                    m.eval()(x)
+        kernels[k] = attention_kernels(step)
     if compile:  # timed from here on through the compiled wrappers (same parameters)
         _allow_recompiles(len(infer_models))
         models = {k: torch.compile(m, backend=compile_backend) for k, m in models.items()}
@@ -259,7 +313,7 @@ def run_bench(shape: str = "string-cifar", variants: Optional[List[str]] = None,
     rows = []
     for k in ikeys:
         base_key = k.removesuffix(" (folded)")
-        row = {"variant": k, "params": params[k],
+        row = {"variant": k, "params": params[k], "attention": kernels[k],
                "infer_ms": imed[k] * 1e3,
                "infer_vs_none": imed[k] / imed["none"] if "none" in imed else None,
                "infer_vs_rope_axial": imed[k] / imed["rope_axial"] if "rope_axial" in imed else None}
@@ -303,11 +357,11 @@ def format_table(result: dict) -> str:
     def f(v, fmt):
         return "" if v is None else format(v, fmt)
 
-    lines = ["| variant | params | train ms | x none | x timm | x rope_axial | img/s | GFLOP/step | MFU | infer ms | infer x none | infer x rope_axial |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| variant | attention | params | train ms | x none | x timm | x rope_axial | img/s | GFLOP/step | MFU | infer ms | infer x none | infer x rope_axial |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
         lines.append(
-            f"| {r['variant']} | {r['params']:,} | {f(r.get('train_ms'), '.1f')} | {f(r.get('train_vs_none'), '.3f')} | "
+            f"| {r['variant']} | {r.get('attention', '')} | {r['params']:,} | {f(r.get('train_ms'), '.1f')} | {f(r.get('train_vs_none'), '.3f')} | "
             f"{f(r.get('train_vs_timm'), '.3f')} | {f(r.get('train_vs_rope_axial'), '.3f')} | {f(r.get('train_img_s'), '.0f')} | "
             f"{f(r.get('gflops_step'), '.1f')} | {f(r.get('mfu'), '.1%')} | {r['infer_ms']:.1f} | "
             f"{f(r.get('infer_vs_none'), '.3f')} | {f(r.get('infer_vs_rope_axial'), '.3f')} |")

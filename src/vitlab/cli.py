@@ -69,6 +69,15 @@ def cmd_bench(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     log = (lambda m: print(f"[bench] {m}", file=sys.stderr, flush=True)) if not args.quiet else None
+    if args.save:  # checked before minutes of timing, not after
+        from . import rundir
+
+        save = Path(args.save)
+        if save.suffix != ".json":
+            raise ValueError(f"--save {save}: expected a .json file name (the table goes beside it as .md)")
+        if save.is_dir():
+            raise rundir.OutputError(f"--save {save}: is a directory; give a file name such as {save / 'bench.json'}")
+        rundir.check_output_dir(save.parent)
     if args.input or args.overrides:
         if not args.input:
             raise ValueError(f"overrides {args.overrides} need --input PRESET_OR_YAML (the input-pipeline bench)")
@@ -78,6 +87,7 @@ def cmd_bench(args) -> int:
             raise ValueError(f"--workers {args.workers!r}; expected comma-separated counts, e.g. 0,1,2") from None
         result = run_input_bench(args.input, args.overrides, workers=workers, batches=args.steps,
                                  warmup=args.warmup, batch=args.batch, seed=args.seed, log=log)
+        _save_bench(args.save, result, format_input_table(result))
         print(json.dumps(result, indent=2) if args.json else format_input_table(result))
         return 0
     variants = args.variants.split(",") if args.variants else None
@@ -85,11 +95,22 @@ def cmd_bench(args) -> int:
     result = run_bench(shape=args.shape, variants=variants, batch=batch, steps=args.steps,
                        warmup=args.warmup, device=args.device, seed=args.seed, precision=args.precision,
                        compile=args.compile, log=log)
+    _save_bench(args.save, result, format_table(result))
     if args.json:
         print(json.dumps(result, indent=2))
     else:
         print(format_table(result))
     return 0
+
+
+def _save_bench(path, result: dict, table: str) -> None:
+    """``--save X.json``: the result as JSON and, beside it, ``X.md`` with the table (atomic writes)."""
+    if path:
+        from . import rundir
+
+        path = Path(path)
+        rundir.write_json(path, result)
+        rundir.atomic_write_text(path.with_suffix(".md"), table + "\n")
 
 
 def _mark_failed(run_dir: Path, err: BaseException) -> None:
@@ -250,6 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--json", action="store_true")
+    s.add_argument("--save", metavar="FILE.json", help="also write the result to FILE.json and the table to FILE.md")
     s.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     s.set_defaults(func=cmd_bench)
 

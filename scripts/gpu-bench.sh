@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# The GPU tables of BENCHMARKS.md, in one go: `vitlab bench --device cuda` on the STRING study's CIFAR
+# shape (bf16 autocast and fp32) and on ViT-Tiny at 224 px (bf16, eager and torch.compile'd), plus a
+# short training run on the GPU (synthetic data) that checks the whole fast path end to end.
+#
+#   bash scripts/gpu-bench.sh OUTDIR [PART ...]
+#   PART: env cifar-bf16 cifar-fp32 tiny-bf16 tiny-compile train (default: all, in that order)
+#
+# Each bench PART writes OUTDIR/PART.json and OUTDIR/PART.md (`vitlab bench --save`); `env` writes
+# OUTDIR/env.txt (GPU, driver, torch, timm); `train` writes OUTDIR/train.json (the run's final.json).
+# A failing part does not stop the others; the exit status is non-zero if any failed.
+# Knobs (environment): DEVICE (cuda), STEPS (20), WARMUP (3), CIFAR_BATCH (128), TINY_BATCH (256),
+# VARIANTS (bench's default catalogue). DEVICE=cpu with small values is a dry run of this script.
+set -uo pipefail
+[ $# -ge 1 ] || { echo "usage: $0 OUTDIR [env cifar-bf16 cifar-fp32 tiny-bf16 tiny-compile train]" >&2; exit 2; }
+out=$1; shift
+parts=("$@"); [ ${#parts[@]} -gt 0 ] || parts=(env cifar-bf16 cifar-fp32 tiny-bf16 tiny-compile train)
+device=${DEVICE:-cuda}; steps=${STEPS:-20}; warmup=${WARMUP:-3}
+mkdir -p "$out" || exit 2
+vitlab=(python3 -m vitlab)
+common=(--device "$device" --steps "$steps" --warmup "$warmup")
+[ -n "${VARIANTS:-}" ] && common+=(--variants "$VARIANTS")
+failed=()
+run() {  # run PART CMD...: time it, keep going on failure
+    local part=$1; shift
+    echo "== $part: $*" >&2
+    local t0=$SECONDS
+    if "$@"; then echo "== $part: done in $((SECONDS - t0)) s" >&2
+    else echo "== $part: FAILED (exit $?) after $((SECONDS - t0)) s" >&2; failed+=("$part"); fi
+}
+for part in "${parts[@]}"; do
+    case $part in
+        env) run env bash -c "{ nvidia-smi || true; python3 -c 'import sys, torch, timm, torchvision; \
+print(\"python\", sys.version.split()[0], \"torch\", torch.__version__, \"cuda\", torch.version.cuda, \
+\"torchvision\", torchvision.__version__, \"timm\", timm.__version__)'; } > '$out/env.txt' 2>&1; cat '$out/env.txt'" ;;
+        cifar-bf16) run "$part" "${vitlab[@]}" bench --shape string-cifar --batch "${CIFAR_BATCH:-128}" --precision bf16 \
+            "${common[@]}" --save "$out/$part.json" ;;
+        cifar-fp32) run "$part" "${vitlab[@]}" bench --shape string-cifar --batch "${CIFAR_BATCH:-128}" --precision fp32 \
+            "${common[@]}" --save "$out/$part.json" ;;
+        tiny-bf16) run "$part" "${vitlab[@]}" bench --shape clearvit-tiny --batch "${TINY_BATCH:-256}" --precision bf16 \
+            "${common[@]}" --save "$out/$part.json" ;;
+        tiny-compile) run "$part" "${vitlab[@]}" bench --shape clearvit-tiny --batch "${TINY_BATCH:-256}" --precision bf16 \
+            --compile "${common[@]}" --save "$out/$part.json" ;;
+        train) run "$part" bash -c "${vitlab[*]} train fashion-mnist-quick data.name=synthetic \
+'data.options={num_classes: 10, img_size: 28, n_train: 4096, n_test: 1024}' train.epochs=2 \
+train.device=$device model.qk_pe=rope_mixed --out '$out/train-run' --quiet && cp '$out/train-run/final.json' '$out/train.json'" ;;
+        *) echo "gpu-bench: error: unknown part '$part'; valid: env cifar-bf16 cifar-fp32 tiny-bf16 tiny-compile train" >&2
+           exit 2 ;;
+    esac
+done
+[ ${#failed[@]} -eq 0 ] || { echo "gpu-bench: failed parts: ${failed[*]}" >&2; exit 1; }
