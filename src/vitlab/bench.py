@@ -14,6 +14,7 @@ import platform
 import statistics
 import sys
 import time
+import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
@@ -199,8 +200,10 @@ def attention_kernels(fn: Callable[[], None]) -> str:
     whether a q/k PE keeps torch's fused kernels on the device it runs on."""
     from torch.profiler import ProfilerActivity, profile
 
-    with _quiet_stderr_fd(), profile(activities=[ProfilerActivity.CPU]) as prof:
-        fn()
+    with warnings.catch_warnings():  # torch 2.11's profiler warns, at every stop, that it keeps one cycle
+        warnings.filterwarnings("ignore", message=".*Profiler clears events")
+        with _quiet_stderr_fd(), profile(activities=[ProfilerActivity.CPU]) as prof:
+            fn()
     seen = {SDPA_OPS[e.name] for e in prof.events() if e.name in SDPA_OPS}
     return " + ".join(sorted(seen)) if seen else "written out"
 
