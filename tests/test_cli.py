@@ -67,3 +67,16 @@ def test_bench_save_writes_json_and_table(tmp_path, capsys):
     assert [r["variant"] for r in saved["rows"]] == ["none", "pope"] and saved["shape"] == "string-mnist"
     assert out.with_suffix(".md").read_text() == printed  # the table printed is the table saved
     assert not list(out.parent.glob(".*.tmp"))
+
+
+def test_bench_table_shows_step_memory_only_where_measured():
+    from vitlab.bench import format_table
+
+    res = run_bench(shape="string-mnist", variants=["none", "pope"], batch=2, steps=1, warmup=0)
+    assert all(r["step_mib"] is None for r in res["rows"])  # CPU: not measured, not shown
+    assert "step MiB" not in format_table(res)
+    res["rows"][0]["step_mib"], res["rows"][1]["step_mib"] = 1234.4, 2048.0  # as a CUDA run records them
+    header, rule, none, pope = format_table(res).splitlines()[:4]
+    col = header.split(" | ").index("step MiB")
+    assert none.split(" | ")[col] == "1,234" and pope.split(" | ")[col] == "2,048"
+    assert len(rule.split("|")) == len(header.split("|"))

@@ -208,6 +208,18 @@ def attention_kernels(fn: Callable[[], None]) -> str:
     return " + ".join(sorted(seen)) if seen else "written out"
 
 
+def step_memory(fn: Callable[[], None], device: torch.device) -> float:
+    """MiB that ``fn`` (one train step) allocates on a CUDA ``device`` at its peak, above what was
+    allocated before it (the resting models and optimizer states): activations, gradients, and
+    PoPE's twice-wide q/k. CUDA only: the CPU allocator keeps no such count."""
+    _sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    fn()
+    _sync(device)
+    return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+
+
 def _timed(fn: Callable[[], None], device) -> float:
     _sync(device)
     t = time.perf_counter()
@@ -297,6 +309,8 @@ def run_bench(shape: str = "string-cifar", variants: Optional[List[str]] = None,
                 train[k].append(t)
         log(f"train round {r + 1}/{warmup + steps}")
 
+    step_mib = {k: step_memory(lambda: train_step(k), dev) for k in keys} if dev.type == "cuda" else {}
+
     infer: Dict[str, List[float]] = {k: [] for k in infer_models}
     ikeys = list(infer_models)
     for m in infer_models.values():
@@ -325,7 +339,7 @@ def run_bench(shape: str = "string-cifar", variants: Optional[List[str]] = None,
                        train_vs_none=med[k] / med["none"] if "none" in med else None,
                        train_vs_timm=med[k] / med["timm"] if "timm" in med else None,
                        train_vs_rope_axial=med[k] / med["rope_axial"] if "rope_axial" in med else None,
-                       gflops_step=flops[k] / 1e9, mfu=flops[k] / med[k] / peak)
+                       gflops_step=flops[k] / 1e9, mfu=flops[k] / med[k] / peak, step_mib=step_mib.get(k))
         else:
             row["folded_from"] = base_key
         rows.append(row)
@@ -356,18 +370,22 @@ def _machine(dev: torch.device) -> dict:
 
 
 def format_table(result: dict) -> str:
-    """Markdown table of a :func:`run_bench` result."""
-    def f(v, fmt):
-        return "" if v is None else format(v, fmt)
+    """Markdown table of a :func:`run_bench` result (the step-memory column only where measured: CUDA)."""
+    def f(key, fmt):
+        return lambda r: "" if r.get(key) is None else format(r[key], fmt)
 
-    lines = ["| variant | attention | params | train ms | x none | x timm | x rope_axial | img/s | GFLOP/step | MFU | infer ms | infer x none | infer x rope_axial |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in result["rows"]:
-        lines.append(
-            f"| {r['variant']} | {r.get('attention', '')} | {r['params']:,} | {f(r.get('train_ms'), '.1f')} | {f(r.get('train_vs_none'), '.3f')} | "
-            f"{f(r.get('train_vs_timm'), '.3f')} | {f(r.get('train_vs_rope_axial'), '.3f')} | {f(r.get('train_img_s'), '.0f')} | "
-            f"{f(r.get('gflops_step'), '.1f')} | {f(r.get('mfu'), '.1%')} | {r['infer_ms']:.1f} | "
-            f"{f(r.get('infer_vs_none'), '.3f')} | {f(r.get('infer_vs_rope_axial'), '.3f')} |")
+    columns = [("variant", "---", lambda r: r["variant"]), ("attention", "---", f("attention", "")),
+               ("params", "---:", f("params", ",")), ("train ms", "---:", f("train_ms", ".1f")),
+               ("x none", "---:", f("train_vs_none", ".3f")), ("x timm", "---:", f("train_vs_timm", ".3f")),
+               ("x rope_axial", "---:", f("train_vs_rope_axial", ".3f")), ("img/s", "---:", f("train_img_s", ".0f")),
+               ("GFLOP/step", "---:", f("gflops_step", ".1f")), ("MFU", "---:", f("mfu", ".1%")),
+               ("step MiB", "---:", f("step_mib", ",.0f")), ("infer ms", "---:", f("infer_ms", ".1f")),
+               ("infer x none", "---:", f("infer_vs_none", ".3f")),
+               ("infer x rope_axial", "---:", f("infer_vs_rope_axial", ".3f"))]
+    if all(r.get("step_mib") is None for r in result["rows"]):
+        columns = [c for c in columns if c[0] != "step MiB"]
+    lines = ["| " + " | ".join(c[0] for c in columns) + " |", "|" + "|".join(c[1] for c in columns) + "|"]
+    lines += ["| " + " | ".join(c[2](r) for c in columns) + " |" for r in result["rows"]]
     m = result["machine"]
     lines.append("")
     where = (f"{m['gpu']}, CUDA {m.get('cuda')}" if "gpu" in m
