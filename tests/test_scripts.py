@@ -48,3 +48,13 @@ def test_gpu_bench_dry_run_on_cpu(tmp_path):
     bad = subprocess.run(["bash", str(ROOT / "scripts/gpu-bench.sh"), str(tmp_path), "cifar-fp16"],
                          capture_output=True, text=True, env=env)
     assert bad.returncode == 2 and "unknown part 'cifar-fp16'" in bad.stderr
+
+
+def test_gpu_bench_reports_a_failed_part(tmp_path):
+    """A part that fails (here: no such device) is named, the other parts still run, the exit status is 1."""
+    env = {**os.environ, "DEVICE": "cuda:99", "STEPS": "1", "WARMUP": "0", "PYTHONPATH": str(ROOT / "src")}
+    r = subprocess.run(["bash", str(ROOT / "scripts/gpu-bench.sh"), str(tmp_path), "cifar-fp32", "env"],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 1 and "== cifar-fp32: FAILED" in r.stderr and "failed parts: cifar-fp32" in r.stderr
+    assert "== env: done" in r.stderr and "torch" in (tmp_path / "env.txt").read_text()
+    assert not (tmp_path / "cifar-fp32.json").exists()
