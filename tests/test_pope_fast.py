@@ -122,8 +122,8 @@ def test_pope_query_tables_are_built_once_per_grid_and_survive_inference_mode():
 
 
 def test_pope_under_compile_is_the_same_arithmetic(monkeypatch):
-    """Under torch.compile PoPE and the attention are plain expressions (the compiler fuses them);
-    they must give what the hand-written functions give."""
+    """Under torch.compile PoPE's polar transform is one plain expression (the compiler fuses it); it
+    must give what the hand-written function gives."""
     torch.manual_seed(3)
     model = vitlab.create_model(img_size=16, patch_size=4, in_chans=3, num_classes=4, dim=32, depth=1, heads=2,
                                 qk_pe="pope")

@@ -116,9 +116,10 @@ class _SoftmaxAttention(torch.autograd.Function):
 def sdpa(q, k, v, scale: float, dropout: float, training: bool) -> torch.Tensor:
     """Softmax attention by the fastest correct route (:func:`fused_route`)."""
     if not fused_route(q.device.type, q.dtype, q.shape[-1], v.shape[-1]):
-        if (q.shape[-1] != v.shape[-1] and not (dropout and training) and q.dim() == 4
-                and not torch.compiler.is_compiling()):
-            return _SoftmaxAttention.apply(q, k, v, scale)  # PoPE; compiled graphs fuse the plain ops
+        if q.shape[-1] != v.shape[-1] and not (dropout and training) and q.dim() == 4:
+            # PoPE, eager or compiled: traced by torch.compile too (no graph break), where it beat the
+            # plain ops inductor generates (BENCHMARKS.md, torch.compile on CPU)
+            return _SoftmaxAttention.apply(q, k, v, scale)
         a = F.dropout(scaled_scores(q, k, scale).softmax(dim=-1), dropout, training)
         return a @ v.to(a.dtype)
     return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout if training else 0.0, scale=scale)
