@@ -16,17 +16,13 @@ dir=$1; py=${2:-3.12}; shift $(( $# >= 2 ? 2 : 1 ))
 cd "$(dirname "$0")/.."
 if [ $# -eq 0 ]; then
     # timm needs torch + torchvision: fetched without its dependencies, then its other ones by name.
-    mapfile -t reqs < <(python3 - <<'PY'
-import re, tomllib
-deps = tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]
-for d in deps:
-    name = re.split(r"[<>=!~ ;\[]", d, 1)[0].lower()
-    if name not in ("torch", "torchvision", "timm"):
-        print(d)
-PY
-)
+    mapfile -t all < <(python3 scripts/missing-deps.py --all)
+    reqs=(); timm=()
+    for r in "${all[@]}"; do
+        case $r in torch[\<\>=~!\ ]*|torchvision*) ;; timm*) timm+=("$r") ;; *) reqs+=("$r") ;; esac
+    done
     python3 -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: \
-        --python-version "$py" --implementation cp -d "$dir" "$(grep -o '"timm[^"]*"' pyproject.toml | tr -d '"')"
+        --python-version "$py" --implementation cp -d "$dir" "${timm[@]}"
     set -- "${reqs[@]}" huggingface_hub safetensors
 fi
 platforms=()

@@ -21,6 +21,7 @@ def test_missing_deps_lists_absent_and_too_old_requirements(tmp_path):
                                          str(pyproject), *extra], capture_output=True, text=True, check=True)
     assert run().stdout.splitlines() == ["no-such-package-vitlab>=1", "numpy>=999"]
     assert run("--extras", "dev").stdout.splitlines()[-1] == "another-absent-package"
+    assert len(run("--all").stdout.splitlines()) == 4  # every requirement, met or not (markers kept)
     # this Python has everything vitlab asks for (the test suite installed it)
     assert subprocess.run([sys.executable, str(ROOT / "scripts/missing-deps.py"), "--extras", "dev"],
                           capture_output=True, text=True, check=True).stdout == ""

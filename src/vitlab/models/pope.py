@@ -171,13 +171,10 @@ class PoPE(QKPE):
         delta = self.delta.float()
         delta = delta + (delta.clamp(-2 * math.pi, 0.0) - delta).detach()  # (H, 1, d)
         phi_k = pad_prefix(phi + delta, grid.num_prefix)  # (H, N, d)
-        if torch.compiler.is_compiling():
-            # The same arithmetic as one expression, which the compiler fuses; PolarEmbed's out=
-            # writes into views would break the graph.
-            tab_q = self.query_tables(grid)
-            tab_k = torch.stack([phi_k.cos(), phi_k.sin()]) * _LN2
-            return _polar(q.float(), tab_q).to(dtype), _polar(k.float(), tab_k).to(dtype)
-        tab_k = torch.stack([phi_k.cos(), phi_k.sin()]) * _LN2  # (2, H, N, d)
-        q = PolarEmbed.apply(q.float(), self.query_tables(grid))  # (B, H, N, 2d)
-        k = PolarEmbed.apply(k.float(), tab_k)
+        tab_q, tab_k = self.query_tables(grid), torch.stack([phi_k.cos(), phi_k.sin()]) * _LN2  # (2, H, N, d)
+        # Compiled: the same arithmetic as one expression, which the compiler fuses (PolarEmbed's
+        # out= writes into views would break the graph).
+        polar = _polar if torch.compiler.is_compiling() else PolarEmbed.apply
+        q = polar(q.float(), tab_q)  # (B, H, N, 2d)
+        k = polar(k.float(), tab_k)
         return q.to(dtype), k.to(dtype)
