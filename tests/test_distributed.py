@@ -3,6 +3,7 @@ same global batch, only rank 0 writes, and a killed distributed run resumes exac
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -20,9 +21,8 @@ CFG = ["data.name=synthetic", "data.options.num_classes=4", "data.options.img_si
 ENV = {**os.environ, "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}
 
 
-def torchrun(out, *extra, resume=False, **kw):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "vitlab", "train", "--quiet"]
+def torchrun(out, *extra, resume=False, launch=("--standalone", "--nproc_per_node", "2")):
+    cmd = [sys.executable, "-m", "torch.distributed.run", *launch, "-m", "vitlab", "train", "--quiet"]
     cmd += ["--resume", str(out)] if resume else ["fashion-mnist-quick", *CFG, *extra, "--out", str(out), "--force"]
     return cmd
 
@@ -56,21 +56,50 @@ def runs(tmp_path_factory):
     return base
 
 
-def test_two_processes_match_one_process_with_the_same_global_batch(runs):
-    one = torch.load(runs / "one/checkpoints/last.pt", weights_only=True)["model"]
-    two = torch.load(runs / "two/checkpoints/last.pt", weights_only=True)["model"]
+def assert_same_training(ref: Path, run: Path) -> None:
+    """Same weights up to float summation order (the gradient all-reduce), same metrics and accuracies."""
+    one = torch.load(ref / "checkpoints/last.pt", weights_only=True)["model"]
+    two = torch.load(run / "checkpoints/last.pt", weights_only=True)["model"]
     assert one.keys() == two.keys()
-    for k in one:  # float summation order differs (gradient all-reduce), nothing else
+    for k in one:
         torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-5, msg=k)
-    m1, m2 = ([json.loads(x) for x in (runs / d / "metrics.jsonl").read_text().splitlines()] for d in ("one", "two"))
-    assert [m["epoch"] for m in m2] == [1, 2]
+    m1, m2 = ([json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()] for d in (ref, run))
+    assert [m["epoch"] for m in m2] == [m["epoch"] for m in m1] == [1, 2]
     for a, b in zip(m1, m2):
         assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4)
         assert b["val_acc"] == pytest.approx(a["val_acc"], abs=1e-9)
-    f1, f2 = (json.loads((runs / d / "final.json").read_text()) for d in ("one", "two"))
-    assert f2["world_size"] == 2 and f1["world_size"] == 1
+    f1, f2 = (json.loads((d / "final.json").read_text()) for d in (ref, run))
     assert f2["acc1"] == f1["acc1"] and f2["test_size"] == f1["test_size"] == 128
     assert f2["loss"] == pytest.approx(f1["loss"], rel=1e-4)
+
+
+def test_two_processes_match_one_process_with_the_same_global_batch(runs):
+    assert_same_training(runs / "one", runs / "two")
+    f1, f2 = (json.loads((runs / d / "final.json").read_text()) for d in ("one", "two"))
+    assert f2["world_size"] == 2 and f1["world_size"] == 1
+
+
+def test_two_nodes_joined_by_a_c10d_rendezvous_train_the_same_run(runs, tmp_path):
+    """Multi-node: two launchers (one process each, as on two machines) meet at a c10d rendezvous
+    endpoint. Global ranks, not local ones (both are local rank 0), decide who writes and which
+    slice each takes, so the run equals the single-node 2-process one."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "nodes"
+    launch = ("--nnodes", "2", "--nproc_per_node", "1", "--rdzv_backend", "c10d",
+              "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "vitlab-test")
+    nodes = [subprocess.Popen(torchrun(out, launch=launch), env=ENV, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    try:
+        errs = [p.communicate(timeout=300)[1] for p in nodes]
+    finally:
+        for p in nodes:
+            p.kill()
+    assert [p.returncode for p in nodes] == [0, 0], errs[0][-2000:] + errs[1][-2000:]
+    assert_same_training(runs / "two", out)
+    assert json.loads((out / "final.json").read_text())["world_size"] == 2
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2  # one writer
 
 
 def test_only_rank_zero_writes(runs):
@@ -109,3 +138,42 @@ def test_batch_not_divisible_by_world_is_refused(tmp_path):
     proc = subprocess.run(torchrun(tmp_path / "r", "train.batch_size=63"), env=ENV, capture_output=True, text=True)
     assert proc.returncode != 0
     assert "train.batch_size=63 must divide by the 2 processes" in proc.stderr
+
+
+SHARED_PROBE = """
+import os, sys
+from pathlib import Path
+from vitlab.train import distributed as d
+info = d.from_env()
+d.init(info, __import__("torch").device("cpu"))
+run_dir = Path(sys.argv[1] if info.rank == 0 else sys.argv[2])  # rank 1's "node" mounts sys.argv[2] there
+if info.rank == 0:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "status.json").write_text("{}")
+try:
+    d.require_shared(info, run_dir / "status.json", wait_s=0.5)
+    said = "shared"
+except RuntimeError as err:
+    said = str(err)
+Path(sys.argv[3], f"rank{info.rank}.txt").write_text(said)
+d.shutdown(info)
+"""
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_every_rank_must_see_the_run_directory(tmp_path, shared):
+    """On nodes without a shared file system, rank 1 would find no best checkpoint to evaluate at the
+    end of training; the run stops at its start instead, on every rank, naming the blind ranks."""
+    mine, theirs = tmp_path / "run", tmp_path / ("run" if shared else "elsewhere")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "--no-python", sys.executable, "-c", SHARED_PROBE, str(mine), str(theirs), str(tmp_path)],
+                          env=ENV, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    said = [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)]
+    if shared:
+        assert said == ["shared", "shared"]
+    else:
+        for text in said:  # both ranks raise, with the same message
+            host = socket.gethostname()
+            assert text == (f"rank 1 on {host} does not see {theirs / 'status.json'} (rank 0 on {host} wrote "
+                            f"{mine / 'status.json'}): the run directory must be on a file system every node shares")

@@ -13,12 +13,19 @@ How the work is split so that N processes train the same run one process would:
   because the slices are equal in size (the batch size must divide by the world size);
 - validation and test predictions are computed on slices and gathered, so metrics are those of
   the whole set; only rank 0 writes files (run directory, checkpoints, final.json).
+
+Every rank reads what rank 0 writes (the best checkpoint for the test metrics, the last one on
+resume), so on several nodes the run directory must be on a file system they all share; that is
+checked when the run starts (``require_shared``), not found out at the end of training.
 """
 from __future__ import annotations
 
 import os
+import socket
+import time
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -112,3 +119,33 @@ def gather_rows(info: DistInfo, x: torch.Tensor, counts: list) -> torch.Tensor:
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()
+
+
+def require_shared(info: DistInfo, marker: Path, wait_s: float = 60.0) -> None:
+    """Raise on every rank, at once, unless every rank sees ``marker``, a file rank 0 has just written
+    into the run directory (call it on every rank, after rank 0 wrote it).
+
+    A rank polls for up to ``wait_s`` seconds before it reports the file missing: an NFS client may
+    hold a cached "no such file" for the new directory that long. Listing the directory (and its
+    parent) makes the client look again rather than answer from that cache."""
+    if not info.enabled:
+        return
+    barrier(info)  # rank 0 has written the marker
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            seen = marker.name in os.listdir(marker.parent)
+        except OSError:
+            seen = False
+        if seen or time.monotonic() >= deadline:
+            break
+        try:
+            os.listdir(marker.parent.parent)
+        except OSError:
+            pass
+        time.sleep(1.0)
+    views = gather_objects(info, (socket.gethostname(), str(marker), seen))
+    blind = [f"rank {r} on {host} does not see {path}" for r, (host, path, ok) in enumerate(views) if not ok]
+    if blind:
+        raise RuntimeError(f"{'; '.join(blind)} (rank 0 on {views[0][0]} wrote {views[0][1]}): the run "
+                           f"directory must be on a file system every node shares")
