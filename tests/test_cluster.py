@@ -9,6 +9,7 @@ import pytest
 from test_compare import EXP
 from vitlab.cli import main
 from vitlab.compare import load_experiment, run_compare
+from vitlab.compare import runner
 from vitlab.compare.runner import ClusterOptions
 
 ONE_SEED = EXP.replace("seeds: 2", "seeds: 1")  # two arms x one seed: two jobs
@@ -104,6 +105,7 @@ def test_slurm_job_array_and_no_wait(tmp_path, monkeypatch, capsys):
     (["--no-wait"], ["--no-wait", "slurm or submitit-local"]),
     (["--launcher", "submitit-local", "--slurm-arg", "account=x"], ["--slurm-arg", "slurm only"]),
     (["--launcher", "submitit-local", "--cpus-per-run", "0"], ["cpus-per-run=0"]),
+    (["--procs-per-run", "0"], ["procs-per-run=0", ">= 1"]),
 ])
 def test_bad_launcher_options_are_one_line_errors(tmp_path, argv, words, capsys):
     exp_file = tmp_path / "exp.yaml"
@@ -121,3 +123,39 @@ def test_slurm_without_sbatch_is_a_one_line_error(tmp_path, monkeypatch, capsys)
     assert main(["compare", str(exp_file), "--out", str(tmp_path / "o"), "--launcher", "slurm"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "sbatch" in err and "local, submitit-local" in err
+
+
+def test_gpu_groups():
+    assert runner._gpu_groups(["0", "1", "2"], 1) == ["0", "1", "2"]
+    assert runner._gpu_groups(["0", "1", "2"], 2) == ["0,1"]  # the odd GPU out stays unused
+    assert runner._gpu_groups(["GPU-a", "GPU-b"], 2) == ["GPU-a,GPU-b"]
+    assert runner._gpu_groups(["0"], 2) == [] and runner._gpu_groups([], 1) == []
+
+
+def test_local_runs_at_once_get_gpus_of_their_own_and_train_data_parallel(tmp_path, monkeypatch):
+    """Four GPUs, two runs at once, two processes per run: each run trains under torchrun with its own
+    pair of GPUs (here CPU-only: the runs record the CUDA_VISIBLE_DEVICES they were given)."""
+    monkeypatch.setattr(runner, "_visible_gpus", lambda: ["0", "1", "2", "3"])
+    exp_file = tmp_path / "exp.yaml"
+    exp_file.write_text(ONE_SEED)
+    out, lines = tmp_path / "cmp", []
+    states = run_compare(load_experiment(str(exp_file)), out, jobs=2, procs=2, log=lines.append)
+    assert set(states.values()) == {"finished"}, lines
+    assert "(2 at a time, 2 processes each; GPUs 0,1 | 2,3, one group per run)" in lines[0]
+    runs = [out / "runs" / n for n in ("none-s0", "rope_axial-s0")]
+    assert sorted(json.loads((r / "env.json").read_text())["cuda_visible_devices"] for r in runs) == ["0,1", "2,3"]
+    assert [json.loads((r / "final.json").read_text())["world_size"] for r in runs] == [2, 2]
+
+
+def test_job_launcher_runs_data_parallel_under_torchrun(tmp_path, capsys):
+    exp_file = tmp_path / "exp.yaml"
+    exp_file.write_text(EXP.replace("seeds: 2", "seeds: 1").replace("  rope_axial: {model.qk_pe: rope_axial}\n", ""))
+    out = tmp_path / "cmp"
+    assert main(["compare", str(exp_file), "--out", str(out), "--launcher", "submitit-local",
+                 "--procs-per-run", "2", "--cpus-per-run", "2"]) == 0
+    assert "each on 2 processes (torchrun)" in capsys.readouterr().err
+    rec = json.loads((out / "slurm" / "jobs.json").read_text())["none-s0"]
+    log = (out / "slurm" / f"{rec['job_id']}_0_log.err").read_text()
+    assert "-m torch.distributed.run --standalone --nproc_per_node 2 -m vitlab train --quiet" in log
+    assert "train.threads=1" in log  # the job's 2 CPUs shared by its 2 processes
+    assert json.loads((out / "runs" / "none-s0" / "final.json").read_text())["world_size"] == 2

@@ -134,6 +134,33 @@ def test_killed_distributed_run_resumes_exactly(runs, tmp_path):
     assert differences(ref, out) == [], where
 
 
+def test_sigterm_to_torchrun_checkpoints_and_resumes_exactly(runs, tmp_path):
+    """What a Slurm job does to a data-parallel run before its time limit (the job launcher's
+    requeue): SIGTERM to torchrun, which passes it to every rank; the ranks agree on the step to
+    stop at, save one checkpoint, rank 0 alone marks the run interrupted, and it resumes exactly."""
+    out = tmp_path / "termed"
+    proc = subprocess.Popen(torchrun(out, "train.checkpoint_every_min=0.0005"), env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    while proc.poll() is None:
+        try:
+            frac, where = progress(out)
+        except Exception:  # noqa: BLE001 - not there yet, or being replaced; look again
+            continue
+        if "steps" in where and "+ 0 steps" not in where:
+            proc.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.02)
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode != 0, "the run ended before it could be stopped"
+    status = json.loads((out / "status.json").read_text())
+    assert status["status"] == "interrupted" and status["reason"].startswith("signal 15"), (status, err[-2000:])
+    assert "vitlab: SIGTERM received: checkpoint saved" in err
+    res = subprocess.run(torchrun(out, resume=True), env=ENV, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.count("test acc1") == 1  # one summary line, from rank 0
+    assert differences(runs / "two", out) == []
+
+
 def test_batch_not_divisible_by_world_is_refused(tmp_path):
     proc = subprocess.run(torchrun(tmp_path / "r", "train.batch_size=63"), env=ENV, capture_output=True, text=True)
     assert proc.returncode != 0
@@ -177,3 +204,18 @@ def test_every_rank_must_see_the_run_directory(tmp_path, shared):
             host = socket.gethostname()
             assert text == (f"rank 1 on {host} does not see {theirs / 'status.json'} (rank 0 on {host} wrote "
                             f"{mine / 'status.json'}): the run directory must be on a file system every node shares")
+
+
+def test_only_rank_zero_marks_a_stopped_run_failed(tmp_path, monkeypatch):
+    from vitlab import rundir
+    from vitlab.cli import _mark_failed
+
+    rundir.set_status(tmp_path, "running")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    _mark_failed(tmp_path, RuntimeError("rank 1 stopped"))
+    assert rundir.read_json(tmp_path / "status.json")["status"] == "running"  # rank 0's to say
+    monkeypatch.setenv("RANK", "0")
+    _mark_failed(tmp_path, RuntimeError("rank 0 stopped"))
+    assert rundir.read_json(tmp_path / "status.json") | {"time": 0} == {"status": "failed", "reason": "rank 0 stopped",
+                                                                          "time": 0}

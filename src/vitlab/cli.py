@@ -113,10 +113,22 @@ def _save_bench(path, result: dict, table: str) -> None:
         rundir.atomic_write_text(path.with_suffix(".md"), table + "\n")
 
 
+def _is_main() -> bool:
+    """Rank 0 under torchrun, or a single process."""
+    from .train.distributed import from_env
+
+    return from_env().is_main
+
+
 def _mark_failed(run_dir: Path, err: BaseException) -> None:
     """A run that stopped on an error must not keep saying ``running`` (a reader would wait for it or
-    take its files for a live run's); diverged/interrupted runs have set their own status already."""
+    take its files for a live run's); diverged/interrupted runs have set their own status already.
+    Under torchrun only rank 0 writes it: another rank stopping by the same signal would otherwise
+    race rank 0's ``interrupted`` with a ``failed``."""
     from . import rundir
+
+    if not _is_main():
+        return
 
     try:
         if rundir.read_json(run_dir / "status.json").get("status") == "running":
@@ -163,6 +175,8 @@ def cmd_train(args) -> int:
             _mark_failed(out, err)
             raise
         run_dir = out
+    if not _is_main():  # one summary line per run, not one per torchrun process
+        return 0
     print(f"{run_dir}: test acc1 {final['acc1']:.4f}  acc5 {final['acc5']:.4f}  loss {final['loss']:.4f}  "
           f"auroc {final['auroc_macro'] if final['auroc_macro'] is None else round(final['auroc_macro'], 4)}  "
           f"{final['epochs']} epochs in {final['seconds']:.0f}s ({final['status']})")
@@ -200,7 +214,8 @@ def cmd_compare(args) -> int:
     check_output_dir(out)
     log = (lambda m: print(m, file=sys.stderr, flush=True)) if not args.quiet else (lambda m: None)
     states = run_compare(exp, out, extra=args.overrides, jobs=args.jobs, retry_failed=args.retry_failed, log=log,
-                         launcher=args.launcher, cluster=_cluster_options(args), wait=not args.no_wait)
+                         launcher=args.launcher, cluster=_cluster_options(args), wait=not args.no_wait,
+                         procs=args.procs_per_run)
     if args.no_wait:
         print(f"{out}: jobs submitted ({sum(st == 'finished' for st in states.values())}/{len(states)} runs already "
               f"finished); when they are done: vitlab report {out}")
@@ -300,6 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--jobs", type=int, default=None, help="runs at once (default 1; each gets cores/jobs threads); "
                    "with --launcher slurm: the job array's parallelism (default: the scheduler's)")
     s.add_argument("--retry-failed", action="store_true", help="run failed runs again")
+    s.add_argument("--procs-per-run", type=int, metavar="N", help="train each run data-parallel on N processes "
+                   "(torchrun; default 1, with a job launcher --gpus-per-run); locally, runs at once get GPUs "
+                   "of their own, N each")
     g = s.add_argument_group("cluster", "each run as a submitit job; job files under OUT/slurm/")
     g.add_argument("--launcher", default="local", help="local (processes here, default), slurm (sbatch through "
                    "submitit) or submitit-local (submitit's local executor: jobs on this machine)")

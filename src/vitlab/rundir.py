@@ -174,6 +174,7 @@ def environment(device: torch.device) -> dict:
     env["vitlab"] = __version__
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
+    env["cuda_visible_devices"] = os.environ.get("CUDA_VISIBLE_DEVICES")  # set per run by a launcher
     try:
         root = Path(__file__).resolve().parents[2]
         env["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,

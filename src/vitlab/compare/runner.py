@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+import queue
 import shutil
 import signal
 import subprocess
@@ -38,8 +39,13 @@ def run_state(run: Path) -> str:
     return "partial" if (run / "checkpoints" / "last.pt").is_file() else "new"
 
 
-def _command(spec: RunSpec, run: Path, cfg_file: Path, threads: int) -> List[str]:
-    base = [sys.executable, "-m", "vitlab", "train", "--quiet"]
+def _command(spec: RunSpec, run: Path, cfg_file: Path, threads: int, procs: int = 1) -> List[str]:
+    """The one command that trains (or resumes) a run, whatever the launcher; ``procs`` > 1 trains it
+    data-parallel under torchrun (``--standalone``: a free rendezvous port of its own on this host)."""
+    launch = [sys.executable]
+    if procs > 1:
+        launch += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs)]
+    base = launch + ["-m", "vitlab", "train", "--quiet"]
     if run_state(run) == "partial":
         return base + ["--resume", str(run)]
     return base + [str(cfg_file), "--out", str(run), "--force"] + ([f"train.threads={threads}"] if threads else [])
@@ -48,15 +54,22 @@ def _command(spec: RunSpec, run: Path, cfg_file: Path, threads: int) -> List[str
 def run_compare(exp: Experiment, out: Path, *, extra: Optional[List[str]] = None, jobs: Optional[int] = 1,
                 retry_failed: bool = False, log: Callable[[str], None] = print, launcher: str = "local",
                 cluster: Optional["ClusterOptions"] = None, wait: bool = True,
-                poll_s: Optional[float] = None) -> dict:
+                poll_s: Optional[float] = None, procs: Optional[int] = None) -> dict:
     """Run the experiment into ``out``; returns {name: state} after the runs (with ``wait=False``:
     right after submitting them).
 
     ``launcher``: ``local`` runs ``jobs`` ``vitlab train`` processes at a time here; ``slurm`` and
     ``submitit-local`` submit each run as a submitit job (see :func:`_run_jobs`), with the resources
     of ``cluster``. Whatever the launcher, a run is the same command (:func:`_command`), finished runs
-    are skipped and partial ones resumed."""
+    are skipped and partial ones resumed.
+
+    ``procs``: processes per run (data-parallel under torchrun); default 1, or with a job launcher
+    the run's GPUs (``cluster.gpus_per_run``). The local launcher gives each run it runs at once
+    GPUs of its own (``CUDA_VISIBLE_DEVICES``, ``procs`` each) when this machine has several."""
     cluster = check_launcher(launcher, cluster, wait)  # before anything is written
+    if procs is not None and procs < 1:
+        raise ValueError(f"procs-per-run={procs}; must be >= 1")
+    procs = procs or (cluster.gpus_per_run if launcher != "local" and (cluster.gpus_per_run or 0) > 1 else 1)
     specs = exp.runs(extra)
     out = Path(out)
     rundir.make_dir(out / "runs")
@@ -82,13 +95,12 @@ def run_compare(exp: Experiment, out: Path, *, extra: Optional[List[str]] = None
         raise ValueError(f"{len(in_flight)} run(s) of {out} are still queued or running as jobs: {ids}; wait for "
                          f"them (vitlab compare --launcher {next(iter(in_flight.values()))['launcher']} ...) or "
                          f"cancel them first")
-    if launcher == "slurm":
-        threads = cluster.cpus_per_run or 0  # one run per job: its own allocation
+    # torch threads per process (0: torch's default)
+    if launcher == "slurm" or (launcher == "submitit-local" and cluster.cpus_per_run):
+        threads = max(1, cluster.cpus_per_run // procs) if cluster.cpus_per_run else 0  # the job's allocation
     else:
-        at_once = jobs or 1
+        at_once = (jobs or 1) * procs
         threads = max(1, (os.cpu_count() or 1) // at_once) if at_once > 1 else 0
-        if launcher == "submitit-local" and cluster.cpus_per_run:
-            threads = cluster.cpus_per_run
     todo = []
     for spec in specs:
         if spec.name in in_flight:
@@ -101,21 +113,53 @@ def run_compare(exp: Experiment, out: Path, *, extra: Optional[List[str]] = None
         rundir.atomic_write_text(cfg_file, dump_yaml(spec.config))
         todo.append((spec, run, cfg_file))
     if launcher != "local":
-        return _run_jobs(specs, todo, in_flight, out, launcher, cluster, jobs, threads, wait, log, poll_s)
+        return _run_jobs(specs, todo, in_flight, out, launcher, cluster, jobs, threads, wait, log, poll_s, procs)
     jobs = jobs or 1
-    log(f"{len(specs)} runs: {len(specs) - len(todo)} already done, {len(todo)} to run ({jobs} at a time)")
+    groups = _gpu_groups(_visible_gpus(), procs)
+    where = f"{jobs} at a time" + (f", {procs} processes each" if procs > 1 else "")
+    if groups:
+        where += (f"; GPUs {' | '.join(groups)}, one group per run" if jobs <= len(groups) else
+                  f"; GPUs {' | '.join(groups)}, shared: more runs at a time than GPU groups")
+    log(f"{len(specs)} runs: {len(specs) - len(todo)} already done, {len(todo)} to run ({where})")
     tally = _Tally(len(todo), log)
+    free: "queue.Queue[str]" = queue.Queue()  # GPU groups not in use (a group repeats when runs must share)
+    for i in range(max(jobs, len(groups)) if groups else 0):
+        free.put(groups[i % len(groups)])
 
     def one(item):
         spec, run, cfg_file = item
         t0 = time.time()
-        proc = subprocess.run(_command(spec, run, cfg_file, threads), capture_output=True, text=True)
+        # a run with an explicit train.device (cpu, cuda:N) keeps it; auto and cuda get a GPU group
+        gpus = free.get() if groups and str(spec.config.train.device) in ("auto", "cuda") else None
+        env = None if gpus is None else {**os.environ, "CUDA_VISIBLE_DEVICES": gpus}
+        try:
+            proc = subprocess.run(_command(spec, run, cfg_file, threads, procs), capture_output=True, text=True,
+                                  env=env)
+        finally:
+            if gpus is not None:
+                free.put(gpus)
         err = "" if proc.returncode == 0 else (proc.stderr.strip().splitlines() or ["no message"])[-1]
         tally.finished(spec.name, run, err, time.time() - t0)
 
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         list(pool.map(one, todo))
     return {s.name: run_state(out / "runs" / s.name) for s in specs}
+
+
+def _visible_gpus() -> List[str]:
+    """The CUDA devices this process sees, as ``CUDA_VISIBLE_DEVICES`` entries (indices or UUIDs)."""
+    import torch
+
+    n = torch.cuda.device_count()  # NVML's count: does not initialise CUDA in this process
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is None:
+        return [str(i) for i in range(n)]
+    return [x.strip() for x in listed.split(",") if x.strip()][:n]
+
+
+def _gpu_groups(gpus: List[str], procs: int) -> List[str]:
+    """Disjoint groups of ``procs`` GPUs, as ``CUDA_VISIBLE_DEVICES`` values (none if fewer GPUs)."""
+    return [",".join(gpus[i:i + procs]) for i in range(0, len(gpus) - procs + 1, procs)]
 
 
 class _Tally:
@@ -201,12 +245,12 @@ class RunJob(Checkpointable):
     its last checkpoint. Before requeueing, submitit calls :meth:`checkpoint`, which stops
     ``vitlab train`` with SIGTERM (it saves a checkpoint at the next step and exits)."""
 
-    def __init__(self, spec: RunSpec, run: Path, cfg_file: Path, threads: int):
-        self.spec, self.run, self.cfg_file, self.threads = spec, Path(run), Path(cfg_file), threads
+    def __init__(self, spec: RunSpec, run: Path, cfg_file: Path, threads: int, procs: int = 1):
+        self.spec, self.run, self.cfg_file, self.threads, self.procs = spec, Path(run), Path(cfg_file), threads, procs
         self._proc: Optional[subprocess.Popen] = None
 
     def __call__(self) -> dict:
-        cmd = _command(self.spec, self.run, self.cfg_file, self.threads)
+        cmd = _command(self.spec, self.run, self.cfg_file, self.threads, self.procs)
         print("vitlab job: " + " ".join(cmd), file=sys.stderr, flush=True)
         tail: collections.deque = collections.deque(maxlen=20)
         self._proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
@@ -296,7 +340,7 @@ def _executor(out: Path, launcher: str, cluster: ClusterOptions, jobs: Optional[
 
 def _run_jobs(specs: List[RunSpec], todo: list, in_flight: Dict[str, dict], out: Path, launcher: str,
               cluster: ClusterOptions, jobs: Optional[int], threads: int, wait: bool, log: Callable[[str], None],
-              poll_s: Optional[float]) -> dict:
+              poll_s: Optional[float], procs: int = 1) -> dict:
     """Submit ``todo`` as submitit jobs (files under ``out/slurm/``); with ``wait``, also wait for them
     and for the still-running jobs of an earlier call (``in_flight``), with progress lines.
 
@@ -313,6 +357,8 @@ def _run_jobs(specs: List[RunSpec], todo: list, in_flight: Dict[str, dict], out:
         what = f"{len(todo)} to submit as one Slurm job array" + (f" (at most {jobs} running at once)" if jobs else "")
     else:
         what = f"{len(todo)} to run as submitit local jobs" + (f" ({cap} at a time)" if wait else " (all at once)")
+    if procs > 1:
+        what += f", each on {procs} processes (torchrun)"
     log(f"{len(specs)} runs: {len(specs) - len(todo) - len(in_flight)} already done, "
         + (f"{len(in_flight)} still running as jobs of an earlier call, " if in_flight else "")
         + f"{what}; job files in {out / JOB_DIR}")
@@ -323,7 +369,7 @@ def _run_jobs(specs: List[RunSpec], todo: list, in_flight: Dict[str, dict], out:
     def submit(names: List[str]) -> None:
         if not names:
             return
-        fns = [RunJob(items[n][0], items[n][1].resolve(), items[n][2].resolve(), threads) for n in names]
+        fns = [RunJob(items[n][0], items[n][1].resolve(), items[n][2].resolve(), threads, procs) for n in names]
         with ex.batch():  # one Slurm job array
             submitted = [ex.submit(fn) for fn in fns]
         for n, job in zip(names, submitted):
