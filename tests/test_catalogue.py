@@ -165,3 +165,17 @@ def test_a_model_evaluated_under_inference_mode_first_still_trains(qk_pe, token_
         m.eval()(x)
     m.train()(x).sum().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("attn", ["standard", "eager", "differential", "differential_entropy", "suppression",
+                                  "diffsim"])
+@pytest.mark.parametrize("qk_pe", ["none", "rope_mixed", "pope", "string_reflection"])
+def test_every_parameter_gets_a_gradient(attn, qk_pe):
+    """Data-parallel training (DistributedDataParallel without find_unused_parameters) fails at the
+    second step if any trainable parameter is left out of the loss: every kernel x q/k PE, two CLS
+    tokens, learned table with its dropout."""
+    m = vitlab.create_model(img_size=16, patch_size=4, in_chans=3, num_classes=4, dim=32, depth=2, heads=2,
+                            qk_pe=qk_pe, attn=attn, token_pe="learned", num_cls=2, pool="cls")
+    m.train()(torch.randn(2, 3, 16, 16)).sum().backward()
+    left_out = [n for n, p in m.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.isfinite().all())]
+    assert left_out == []
