@@ -219,3 +219,27 @@ def test_only_rank_zero_marks_a_stopped_run_failed(tmp_path, monkeypatch):
     _mark_failed(tmp_path, RuntimeError("rank 0 stopped"))
     assert rundir.read_json(tmp_path / "status.json") | {"time": 0} == {"status": "failed", "reason": "rank 0 stopped",
                                                                           "time": 0}
+
+
+def test_batch_norm_is_synchronised_across_gpus_and_flagged_on_cpu():
+    import timm
+    from vitlab import create_model
+    from vitlab.train.distributed import DistInfo, sync_batchnorm
+
+    two, cuda, cpu = DistInfo(rank=0, world=2), torch.device("cuda"), torch.device("cpu")
+    for name in ("resnet18", "efficientnet_b0"):  # plain BatchNorm2d; timm's BatchNormAct2d
+        net = timm.create_model(name, num_classes=3).eval()
+        x = torch.randn(2, 3, 32, 32)
+        params, keys, y = {id(p) for p in net.parameters()}, list(net.state_dict()), net(x)
+        synced = sync_batchnorm(two, net, cuda)  # converting the modules needs no GPU
+        assert not any(type(m) in (torch.nn.BatchNorm2d, timm.layers.BatchNormAct2d) for m in synced.modules())
+        assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in synced.modules())
+        assert {id(p) for p in synced.parameters()} == params and list(synced.state_dict()) == keys
+        # in eval mode a synchronised norm is the plain one: same outputs (BatchNormAct keeps its activation)
+        torch.testing.assert_close(synced(x), y)
+    net = timm.create_model("resnet18", num_classes=3)
+    assert sync_batchnorm(DistInfo(), net, cuda) is net  # one process: nothing to synchronise
+    with pytest.warns(UserWarning, match="each normalises over its own slice"):
+        assert sync_batchnorm(two, net, cpu) is net
+    vit = create_model(img_size=16, patch_size=4, dim=32, depth=1, heads=2)
+    assert sync_batchnorm(two, vit, cuda) is vit  # layer norms only

@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -65,6 +66,24 @@ def init(info: DistInfo, device: torch.device) -> None:
         return
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, timeout=timedelta(minutes=30))
+
+
+def sync_batchnorm(info: DistInfo, model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """Batch-norm layers (the ResNet baselines) normalise over the global batch, as in one process:
+    SyncBatchNorm, which torch implements on GPUs only. On CPU each rank normalises over its own
+    slice (what timm's trainer does without --sync-bn), so such a run no longer equals one process's;
+    it says so. Parameters and state-dict keys are unchanged (checkpoints load either way)."""
+    norms = (torch.nn.modules.batchnorm._BatchNorm,)
+    if not info.enabled or not any(isinstance(m, norms) for m in model.modules()):
+        return model
+    if device.type == "cuda":
+        from timm.layers import convert_sync_batchnorm  # torch's own would drop timm's BatchNormAct activations
+
+        return convert_sync_batchnorm(model)
+    if info.is_main:
+        warnings.warn(f"batch norm over {info.world} CPU processes: each normalises over its own slice of the "
+                      f"batch (SyncBatchNorm needs CUDA), so this run does not equal one process's")
+    return model
 
 
 def shutdown(info: DistInfo) -> None:

@@ -226,7 +226,7 @@ def train_run(cfg: RunConfig, out_dir: Path, *, resume: bool = False, progress: 
 
     torch.manual_seed(t_cfg.seed)  # identical initial weights on every rank
     model, mcfg = build_model(cfg, in_chans=in_chans, num_classes=num_classes, img_size=data_size)
-    model.to(device)
+    model = distributed.sync_batchnorm(dinfo, model.to(device), device)
     torch.manual_seed(t_cfg.seed + dinfo.rank)
     img_size = tuple(mcfg["img_size"]) if mcfg.get("img_size") else data_size
     feed = make_feed(train_ds, device, d_cfg.workers, t_cfg.seed)
