@@ -161,6 +161,29 @@ def test_sigterm_to_torchrun_checkpoints_and_resumes_exactly(runs, tmp_path):
     assert differences(runs / "two", out) == []
 
 
+def test_accumulated_steps_reduce_once_and_match_the_whole_batch(runs, tmp_path):
+    """Two processes x two micro-batches of 16 (gradients all-reduced once per step, under no_sync
+    before) equal one process taking the global batch of 64 at once: the loss is a mean over equal
+    slices, and this recipe draws no augmentation."""
+    out = tmp_path / "accum"
+    subprocess.run(torchrun(out, "train.batch_size=32", "train.accum_steps=2"), check=True, env=ENV,
+                   capture_output=True)
+    assert_same_training(runs / "one", out)
+
+
+def test_a_loss_past_the_divergence_limit_on_one_rank_stops_every_rank(tmp_path):
+    """Near chance level the two ranks' slices give losses either side of a limit set there (found at
+    step 2 on the machine this was written on). A rank that skipped its backward pass would leave the
+    other waiting in the gradient all-reduce; both run it, then agree to stop as diverged."""
+    proc = subprocess.run(torchrun(tmp_path / "r", "train.diverge_loss=1.39"), env=ENV, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode != 0
+    status = json.loads((tmp_path / "r" / "status.json").read_text())
+    assert status["status"] == "diverged" and status["reason"].startswith("diverged: loss"), proc.stderr[-2000:]
+    assert proc.stderr.count(f"vitlab: error: run {tmp_path / 'r'} diverged") == 2  # both ranks, same decision
+    assert "gloo" not in proc.stderr
+
+
 def test_batch_not_divisible_by_world_is_refused(tmp_path):
     proc = subprocess.run(torchrun(tmp_path / "r", "train.batch_size=63"), env=ENV, capture_output=True, text=True)
     assert proc.returncode != 0

@@ -357,10 +357,14 @@ def train_run(cfg: RunConfig, out_dir: Path, *, resume: bool = False, progress: 
                     value = loss.item()
                     if not math.isfinite(value) or value > diverge_loss:
                         bad = value if math.isfinite(value) else math.inf
-                        break
-                    (loss / t_cfg.accum_steps).backward()
-                    sums["loss"] += value * x.shape[0]
-                    sums["n"] += x.shape[0]
+                    # every rank runs every backward pass, whatever its own loss: under DDP the gradient
+                    # all-reduces must pair up across ranks (the step's all_max below decides for all);
+                    # the gradients are all-reduced once per step, at its last micro-batch
+                    with (ddp_model.no_sync() if dinfo.enabled and micro + 1 < t_cfg.accum_steps else nullcontext()):
+                        (loss / t_cfg.accum_steps).backward()
+                    if not bad:
+                        sums["loss"] += value * x.shape[0]
+                        sums["n"] += x.shape[0]
                 spent = time.perf_counter() - t0
                 # one small all-reduce per step so every rank takes the same decision
                 bad, signum, late, due = distributed.all_max(
