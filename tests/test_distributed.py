@@ -47,6 +47,21 @@ def kill_tree(pid: int) -> None:
             pass
 
 
+def mid_epoch_checkpoint(proc: subprocess.Popen, out: Path) -> str:
+    """Wait until the running ``proc`` has saved a mid-epoch checkpoint in ``out``; its progress line
+    ("" if the run ended first, which the caller's assertions then report)."""
+    where = ""
+    while proc.poll() is None:
+        try:
+            frac, where = progress(out)
+        except Exception:  # noqa: BLE001 - not there yet, or being replaced; look again
+            continue
+        if "steps" in where and "+ 0 steps" not in where:
+            break
+        time.sleep(0.02)
+    return where
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     base = tmp_path_factory.mktemp("ddp")
@@ -114,16 +129,8 @@ def test_killed_distributed_run_resumes_exactly(runs, tmp_path):
     out = tmp_path / "killed"
     proc = subprocess.Popen(torchrun(out, "train.checkpoint_every_min=0.0005"), env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    where = ""
-    while proc.poll() is None:
-        try:
-            frac, where = progress(out)
-        except Exception:  # noqa: BLE001 - being replaced; look again
-            continue
-        if "+ 0 steps" not in where and "steps" in where:
-            kill_tree(proc.pid)  # torchrun and both workers (which run in sessions of their own)
-            break
-        time.sleep(0.02)
+    where = mid_epoch_checkpoint(proc, out)
+    kill_tree(proc.pid)  # torchrun and both workers (which run in sessions of their own)
     proc.wait(timeout=60)
     time.sleep(0.5)  # let the kernel reap the workers before the resumed run starts
     assert proc.returncode == -signal.SIGKILL, "the run ended before a mid-epoch checkpoint was seen"
@@ -141,15 +148,8 @@ def test_sigterm_to_torchrun_checkpoints_and_resumes_exactly(runs, tmp_path):
     out = tmp_path / "termed"
     proc = subprocess.Popen(torchrun(out, "train.checkpoint_every_min=0.0005"), env=ENV, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
-    while proc.poll() is None:
-        try:
-            frac, where = progress(out)
-        except Exception:  # noqa: BLE001 - not there yet, or being replaced; look again
-            continue
-        if "steps" in where and "+ 0 steps" not in where:
-            proc.send_signal(signal.SIGTERM)
-            break
-        time.sleep(0.02)
+    mid_epoch_checkpoint(proc, out)
+    proc.send_signal(signal.SIGTERM)
     err = proc.communicate(timeout=120)[1]
     assert proc.returncode != 0, "the run ended before it could be stopped"
     status = json.loads((out / "status.json").read_text())
