@@ -2,10 +2,8 @@
 save a checkpoint and exit; unsafe or truncated checkpoints are refused; divergence is marked."""
 import json
 import os
-import pickle
 import signal
 import subprocess
-import sys
 import time
 
 import pytest

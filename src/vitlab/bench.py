@@ -149,9 +149,6 @@ def _allow_recompiles(n_models: int) -> None:
         return
 
 
-
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
