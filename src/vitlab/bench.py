@@ -234,7 +234,9 @@ def run_bench(shape: str = "string-cifar", variants: Optional[List[str]] = None,
     ``device``: cpu or cuda[:N] (timings between ``torch.cuda.synchronize`` calls; the matmul peak
     measured on that device in the run's precision). ``precision``: fp32, bf16 (autocast) or auto
     (bf16 on CUDA). ``compile``: time ``torch.compile``'d models (``compile_backend``); the
-    warm-up rounds absorb the compilation; FLOPs are counted on the eager models."""
+    warm-up rounds absorb the compilation, and each model's first train step and first inference
+    (which compile it) are reported apart as ``compile_s`` / ``infer_compile_s``, their excess over
+    the median; FLOPs are counted on the eager models."""
     if shape not in SIZES:
         raise ValueError(f"unknown shape {shape!r}; valid: {', '.join(SIZES)}")
     for name, value, low in (("batch", batch, 1), ("steps", steps, 1), ("warmup", warmup, 0)):
@@ -295,13 +297,19 @@ def run_bench(shape: str = "string-cifar", variants: Optional[List[str]] = None,
         loss.backward()
         opt.step()
 
+    # The first call of each model, timed apart: under --compile it compiles the model's graphs, and
+    # its excess over the median step is the compile cost a run pays once (reported as compile_s).
     train: Dict[str, List[float]] = {k: [] for k in models}
+    first: Dict[str, float] = {}
     keys = list(models)
     for r in range(warmup + steps):
         order = keys[r % len(keys):] + keys[: r % len(keys)]
         for k in order:
             models[k].train()
             t = _timed(lambda: train_step(k), dev)
+            if r == 0 and compile:
+                first[k] = t
+                log(f"compiled {k} (train step) in {t:.1f}s")
             if r >= warmup:
                 train[k].append(t)
         log(f"train round {r + 1}/{warmup + steps}")
@@ -309,6 +317,7 @@ def run_bench(shape: str = "string-cifar", variants: Optional[List[str]] = None,
     step_mib = {k: step_memory(lambda: train_step(k), dev) for k in keys} if dev.type == "cuda" else {}
 
     infer: Dict[str, List[float]] = {k: [] for k in infer_models}
+    ifirst: Dict[str, float] = {}
     ikeys = list(infer_models)
     for m in infer_models.values():
         m.eval()
@@ -318,6 +327,9 @@ def run_bench(shape: str = "string-cifar", variants: Optional[List[str]] = None,
             for k in order:
                 with autocast():
                     t = _timed(lambda: infer_models[k](x), dev)
+                if r == 0 and compile:
+                    ifirst[k] = t
+                    log(f"compiled {k} (inference) in {t:.1f}s")
                 if r >= warmup:
                     infer[k].append(t)
     log("inference done")
@@ -330,13 +342,15 @@ def run_bench(shape: str = "string-cifar", variants: Optional[List[str]] = None,
         row = {"variant": k, "params": params[k], "attention": kernels[k],
                "infer_ms": imed[k] * 1e3,
                "infer_vs_none": imed[k] / imed["none"] if "none" in imed else None,
-               "infer_vs_rope_axial": imed[k] / imed["rope_axial"] if "rope_axial" in imed else None}
+               "infer_vs_rope_axial": imed[k] / imed["rope_axial"] if "rope_axial" in imed else None,
+               "infer_compile_s": ifirst[k] - imed[k] if k in ifirst else None}
         if k in med:
             row.update(train_ms=med[k] * 1e3, train_img_s=batch / med[k],
                        train_vs_none=med[k] / med["none"] if "none" in med else None,
                        train_vs_timm=med[k] / med["timm"] if "timm" in med else None,
                        train_vs_rope_axial=med[k] / med["rope_axial"] if "rope_axial" in med else None,
-                       gflops_step=flops[k] / 1e9, mfu=flops[k] / med[k] / peak, step_mib=step_mib.get(k))
+                       gflops_step=flops[k] / 1e9, mfu=flops[k] / med[k] / peak, step_mib=step_mib.get(k),
+                       compile_s=first[k] - med[k] if k in first else None)
         else:
             row["folded_from"] = base_key
         rows.append(row)
@@ -367,7 +381,8 @@ def _machine(dev: torch.device) -> dict:
 
 
 def format_table(result: dict) -> str:
-    """Markdown table of a :func:`run_bench` result (the step-memory column only where measured: CUDA)."""
+    """Markdown table of a :func:`run_bench` result (the step-memory column only where measured, on
+    CUDA; the compile-time columns only under --compile)."""
     def f(key, fmt):
         return lambda r: "" if r.get(key) is None else format(r[key], fmt)
 
@@ -378,9 +393,11 @@ def format_table(result: dict) -> str:
                ("GFLOP/step", "---:", f("gflops_step", ".1f")), ("MFU", "---:", f("mfu", ".1%")),
                ("step MiB", "---:", f("step_mib", ",.0f")), ("infer ms", "---:", f("infer_ms", ".1f")),
                ("infer x none", "---:", f("infer_vs_none", ".3f")),
-               ("infer x rope_axial", "---:", f("infer_vs_rope_axial", ".3f"))]
-    if all(r.get("step_mib") is None for r in result["rows"]):
-        columns = [c for c in columns if c[0] != "step MiB"]
+               ("infer x rope_axial", "---:", f("infer_vs_rope_axial", ".3f")),
+               ("compile s", "---:", f("compile_s", ".1f")), ("infer compile s", "---:", f("infer_compile_s", ".1f"))]
+    for name, key in (("step MiB", "step_mib"), ("compile s", "compile_s"), ("infer compile s", "infer_compile_s")):
+        if all(r.get(key) is None for r in result["rows"]):  # measured only on CUDA / under --compile
+            columns = [c for c in columns if c[0] != name]
     lines = ["| " + " | ".join(c[0] for c in columns) + " |", "|" + "|".join(c[1] for c in columns) + "|"]
     lines += ["| " + " | ".join(c[2](r) for c in columns) + " |" for r in result["rows"]]
     m = result["machine"]
