@@ -89,3 +89,33 @@ def test_input_bench_cli(tree, capsys):
     assert "| workers | images |" in capsys.readouterr().out
     assert main(["bench", "data.root=x"]) == 2
     assert "need --input" in capsys.readouterr().err
+
+
+SPAWNED_FEED = """
+import multiprocessing, sys, torch
+from vitlab.data import load_dataset
+from vitlab.train.feed import make_feed
+
+if __name__ == "__main__":
+    multiprocessing.set_start_method(sys.argv[2], force=True)
+    ds = load_dataset("imagefolder", sys.argv[1], img_size=16, resize=20, stream=True).train
+    order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))
+    got = torch.cat([x for x, _ in make_feed(ds, torch.device("cpu"), workers=2).batches(order, 8)])
+    want = torch.stack([ds[i][0] for i in order.tolist()])
+    print(multiprocessing.get_start_method(), tuple(got.shape), bool(torch.equal(got, want)))
+"""
+
+
+@pytest.mark.parametrize("method", ["spawn", "forkserver"])
+def test_streamed_batches_under_spawn_and_forkserver_workers(tree, tmp_path, method):
+    """macOS starts DataLoader workers with spawn, and Linux's Python from 3.14 with forkserver: there the
+    dataset, its decoder and the worker seeding are pickled into fresh processes, not inherited, so a
+    lambda or a parent-only global among them would break streamed training on those machines."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "feed.py"
+    script.write_text(SPAWNED_FEED)
+    r = subprocess.run([sys.executable, str(script), str(tree), method], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == [method, "(30,", "3,", "16,", "16)", "True"], r.stdout
