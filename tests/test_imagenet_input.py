@@ -2,6 +2,8 @@
 at load (in the decoding workers when streamed), and `vitlab bench --input`'s throughput report, on a
 small ImageFolder of JPEGs written here."""
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -111,9 +113,6 @@ def test_streamed_batches_under_spawn_and_forkserver_workers(tree, tmp_path, met
     """macOS starts DataLoader workers with spawn, and Linux's Python from 3.14 with forkserver: there the
     dataset, its decoder and the worker seeding are pickled into fresh processes, not inherited, so a
     lambda or a parent-only global among them would break streamed training on those machines."""
-    import subprocess
-    import sys
-
     script = tmp_path / "feed.py"
     script.write_text(SPAWNED_FEED)
     r = subprocess.run([sys.executable, str(script), str(tree), method], capture_output=True, text=True, timeout=300)
