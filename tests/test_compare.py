@@ -119,6 +119,10 @@ def test_statistics_against_scipy():
     ("base: fashion-mnist-quick\narms: {a: {}}\ngrid: {data.val_fraction: [0.1, 0.2]}\n", ["data.val_fraction", "split"]),
     ("base: fashion-mnist-quick\narms: {a: {}}\nmetric: f1\n", ["metric 'f1'", "auroc_macro"]),
     ("base: fashion-mnist-quick\narms: {a: {}}\nseeds: [1, 1]\n", ["distinct"]),
+    # a data source or option no run could load: one error, not one failed run (or cluster job) per arm x seed
+    ("base: fashion-mnist-quick\noverrides: {data.name: fashion_mnist}\narms: {a: {}, b: {}}\n",
+     ["'fashion_mnist'", "fashion-mnist"]),
+    ("base: fashion-mnist-quick\noverrides: {data.options.colour: 1}\narms: {a: {}}\n", ["'colour'", "download"]),
 ])
 def test_bad_experiments(tmp_path, text, words, capsys):
     f = tmp_path / "e.yaml"

@@ -32,6 +32,11 @@ def test_overrides_nest_and_parse_types():
     (["nosection=1"], ["section.key=value"]),
     (["data.limit=-5"], ["data.limit"]),
     (["train.precision=fp8"], ["train.precision"]),
+    # the data source and its option names are checked here too, so `vitlab validate` and a comparison's
+    # up-front check catch them before any run starts
+    (["data.name=fashion_mnist"], ["data.name", "'fashion_mnist'", "fashion-mnist"]),
+    (["data.options.colour=1"], ["data.options", "'colour'", "download"]),
+    (["data.name=imagefolder", "data.options.img_sise=32"], ["'img_sise'", "img_size", "classes"]),
 ])
 def test_bad_overrides_are_one_line_errors(overrides, words):
     with pytest.raises(ValueError) as err:

@@ -211,11 +211,27 @@ def load_config(source: Optional[str] = None, overrides: Optional[List[str]] = N
     return validate(raw)
 
 
+def _check_data_source(data: DataSection) -> None:
+    """The data source and its option names, checked with the rest of the config rather than when the
+    data loads: `vitlab validate` and a comparison's up-front check then refuse them before any run
+    (or cluster job) starts. The options' values are checked by the source when it loads."""
+    from .data import DATASETS
+
+    if data.name not in DATASETS:
+        raise ValueError(f"data.name: unknown dataset {data.name!r}; valid: {', '.join(DATASETS.names())}")
+    valid = list(DATASETS.options(data.name))
+    unknown = sorted(set(data.options) - set(valid))
+    if unknown:
+        raise ValueError(f"data.options: dataset {data.name!r} does not take option(s) {unknown}; "
+                         f"valid: {valid or 'none'}")
+
+
 def validate(raw: dict) -> RunConfig:
     try:
         cfg = RunConfig(**raw)
     except ValidationError as err:
         raise ValueError(f"invalid config: {one_line_error(err, RunConfig)}") from None
+    _check_data_source(cfg.data)
     name = cfg.model.get("name", "vit")
     if name == "vit":
         unknown = sorted(set(cfg.model) - set(ModelConfig.model_fields) - set(MODEL_EXTRA))
