@@ -412,6 +412,8 @@ CATALOGUE = [
     case("images-of-different-sizes", mixed_sizes, train("data.name=imagefolder", "data.options={img_size: null}",
                                                          "data.root={tmp}/images"),
          "{tmp}/images/class1/big.png", "img_size"),
+    case("bad-intensity-window", lambda ctx: image_tree(ctx.tmp / "images") and None,
+         train(*IMAGEFOLDER, "data.options.intensity=[400, -1000]"), "intensity=[400, -1000]", "low < high"),
     case("corrupt-volume", corrupt_volume, train("data.name=volumes", "data.options={}", "data.root={tmp}/vols"),
          "{tmp}/vols/class0/3.npy", "cannot read"),
     case("npz-float-images", float_npz, train("data.name=npz", "data.options={}", "data.root={tmp}/data.npz"),

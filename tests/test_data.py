@@ -269,6 +269,60 @@ def test_npz_medmnist_layout(tmp_path):
         load_dataset("npz", str(tmp_path / "multi.npz"))
 
 
+def test_to_unit_minmax_percentile_and_window():
+    from vitlab.data.intensity import to_unit
+
+    ramp = np.arange(1000, dtype=np.float64)
+    assert to_unit(ramp, "minmax")[[0, 500, 999]].tolist() == [0.0, 500 / 999, 1.0]
+    assert (to_unit(np.full(5, 7.0), "percentile") == 0).all() and (to_unit(np.full(5, 7.0), "auto") == 0).all()
+    hot = np.append(ramp, 1e6)  # one hot pixel: min-max squeezes the rest below 1/1000
+    assert to_unit(hot, "minmax")[999] < 1e-3
+    pct = to_unit(hot, "percentile")  # 0.5th..99.5th percentile, clipped: the ramp keeps the range
+    assert pct[0] == 0 and pct[-1] == 1 and abs(pct[500] - 0.5) < 0.01 and pct.min() >= 0 and pct.max() <= 1
+    hu = np.array([-2000, -1000, -300, 400, 3000], dtype=np.float32)  # a CT window in Hounsfield units
+    out = to_unit(hu, (-1000.0, 400.0))
+    assert out.dtype == np.float32 and out.tolist() == [0.0, 0.0, 0.5, 1.0, 1.0]
+
+
+def test_imagefolder_intensity_window_keeps_absolute_intensities(tmp_path):
+    """Two classes of 12-bit images told apart only by brightness: per-image min-max (the default for
+    16-bit files) erases the difference, a fixed window keeps it, streamed or in memory alike."""
+    rng = np.random.default_rng(0)
+    for cls, base in (("dim", 1000), ("bright", 3000)):
+        for i in range(4):
+            save_image(tmp_path / "t" / cls / f"{i}.png", (base + rng.integers(0, 500, (12, 12))).astype(np.uint16))
+    root = str(tmp_path / "t")
+    auto = load_dataset("imagefolder", root, img_size=None, channels=1).train
+    means = [auto.images[auto.labels == c].float().mean().item() for c in (0, 1)]
+    assert abs(means[0] - means[1]) < 10  # both stretched to 0..255
+    window = load_dataset("imagefolder", root, img_size=None, channels=1, intensity=[0, 4095]).train
+    means = [window.images[window.labels == c].float().mean().item() for c in (0, 1)]  # classes: bright, dim
+    assert abs(means[0] - 3250 / 4095 * 255) < 3 and abs(means[1] - 1250 / 4095 * 255) < 3
+    streamed = load_dataset("imagefolder", root, img_size=12, channels=1, intensity=[0, 4095], stream=True).train
+    assert torch.equal(torch.stack([streamed[i][0] for i in range(len(streamed))]), window.images)
+
+
+def test_imagefolder_intensity_applies_to_8_bit_images_when_asked(tmp_path):
+    save_image(tmp_path / "t" / "a" / "grey.png", np.array([[0, 100, 200]], np.uint8))
+    save_image(tmp_path / "t" / "b" / "rgb.png", np.array([[[50, 100, 150]] * 3], np.uint8))
+    root = str(tmp_path / "t")
+    auto = load_dataset("imagefolder", root, img_size=None, channels=3).train.images
+    assert auto[0, :, 0].tolist() == [[0, 100, 200]] * 3 and auto[1, :, 0, 0].tolist() == [50, 100, 150]  # as is
+    win = load_dataset("imagefolder", root, img_size=None, channels=3, intensity=[0, 127]).train.images
+    assert win[0, 0, 0].tolist() == [0, 201, 255] and win[1, :, 0, 0].tolist() == [100, 201, 255]
+    mm = load_dataset("imagefolder", root, img_size=None, channels=1, intensity="minmax").train.images
+    assert mm[0, 0, 0].tolist() == [0, 128, 255]
+
+
+@pytest.mark.parametrize("source", ["imagefolder", "volumes"])
+@pytest.mark.parametrize("value", ["median", [400, -1000], [5, 5], [0, 1, 2], ["a", 1], [0, float("inf")], True, 3])
+def test_bad_intensity_is_a_one_line_error(tmp_path, source, value):
+    with pytest.raises(ValueError) as err:
+        load_dataset(source, str(tmp_path), intensity=value)
+    msg = str(err.value)
+    assert "\n" not in msg and f"{source} option intensity=" in msg and "'percentile'" in msg and "[low, high]" in msg
+
+
 # --- volumes --------------------------------------------------------------------------------------------------
 
 def test_volumes_npy_scaled_and_resized(tmp_path):
@@ -291,6 +345,24 @@ def test_volumes_npy_scaled_and_resized(tmp_path):
     (root / "b" / "2.npy").write_bytes(b"garbage")
     with pytest.raises(ValueError, match=r"b/2\.npy"):
         load_dataset("volumes", str(root), size=(4, 4, 4))
+
+
+def test_volumes_intensity_window_in_hounsfield_units(tmp_path):
+    root = tmp_path / "ct"
+    hu = np.array([-2000, -1000, -300, 400, 3000, 400], np.float32).reshape(1, 2, 3)
+    for cls in ("a", "b"):
+        (root / cls).mkdir(parents=True)
+        np.save(root / cls / "0.npy", hu)
+        np.save(root / cls / "1.npy", hu + (1000 if cls == "b" else 0))
+    window = load_dataset("volumes", str(root), intensity=[-1000, 400]).train
+    assert window.images[0].flatten().tolist() == [0, 0, 128, 255, 255, 255]  # 127.5 rounds to even
+    assert window.images[3].flatten().tolist() == [0, 182, 255, 255, 255, 255]  # b/1.npy, +1000 HU: brighter
+    minmax = load_dataset("volumes", str(root)).train  # per volume: the shift is gone
+    assert torch.equal(minmax.images[2], minmax.images[3])
+    hot = hu.copy()
+    hot[0, 0, 0] = -1e6  # one outlier voxel
+    np.save(root / "a" / "0.npy", hot)
+    assert load_dataset("volumes", str(root), intensity="minmax").train.images[0].flatten()[1:].min() >= 250
 
 
 def test_volumes_nifti_reads_like_npy(tmp_path):

@@ -1,6 +1,7 @@
 """Image trees (one folder per class, optionally under Training/ + Testing/), decoded with Pillow."""
 from __future__ import annotations
 
+import functools
 import warnings
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple, Union
@@ -9,10 +10,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-import functools
-
 from .base import DATASETS, ArrayDataset, DataBundle, FileDataset
 from .folders import check_same_classes, class_files, class_list, split_folders
+from .intensity import Intensity, check_intensity, to_unit
 from .locate import find_root, register_place
 
 
@@ -36,8 +36,13 @@ def _size(img_size) -> Optional[Tuple[int, int]]:
     return size
 
 
-def decode(path: Path, channels: int, size: Optional[Tuple[int, int]], resize: Optional[int] = None) -> np.ndarray:
-    """One image as uint8 (C, H, W): grey, palette, RGB, RGBA, 16-bit or float images; resized with
+DEEP_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")  # Pillow's modes of more than 8 bits per pixel
+
+
+def decode(path: Path, channels: int, size: Optional[Tuple[int, int]], resize: Optional[int] = None,
+           intensity: Intensity = "auto") -> np.ndarray:
+    """One image as uint8 (C, H, W): grey, palette, RGB, RGBA, 16-bit or float images, their values
+    mapped to 0..255 as ``intensity`` says (:mod:`vitlab.data.intensity`); resized with
     Pillow's bilinear filter, which is antialiased when shrinking. With ``resize``: the shorter side
     is resized to ``resize`` (aspect kept, antialiased bilinear) and the centre ``size`` cropped, by
     torchvision.transforms.v2 on the PIL image; a JPEG at least twice that size is decoded at a
@@ -49,12 +54,13 @@ def decode(path: Path, channels: int, size: Optional[Tuple[int, int]], resize: O
             short = min(w, h)
             img.draft("L" if channels == 1 else "RGB", (-(-w * resize // short), -(-h * resize // short)))
         img.load()  # decode now so a truncated file fails here
-        if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-            # 16-bit / float (common for medical PNG/TIFF): Pillow's convert("L") clips, so min-max scale.
-            arr = np.asarray(img, dtype=np.float64)
-            lo, hi = float(arr.min()), float(arr.max())
-            arr = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
-            img = Image.fromarray(np.round(arr).astype(np.uint8), mode="L")
+        if img.mode in DEEP_MODES or intensity != "auto":
+            # 16-bit / float (common for medical PNG/TIFF) or an explicit intensity mapping: Pillow's
+            # convert("L") would clip them, so map the file's values to 0..255 here
+            if img.mode not in DEEP_MODES:
+                img = img.convert("L" if channels == 1 else "RGB")
+            arr = to_unit(np.asarray(img, dtype=np.float64), intensity) * 255.0
+            img = Image.fromarray(np.round(arr).astype(np.uint8))
         img = img.convert("L" if channels == 1 else "RGB")  # RGBA -> RGB drops alpha, grey -> RGB replicates
         if resize is not None:
             from torchvision.transforms import InterpolationMode
@@ -96,11 +102,11 @@ def _walk(tree: Path, files: Dict[str, List[Path]], read, on_bad_image: str, ski
                              f"({len(paths)} file(s) Pillow cannot decode)")
 
 
-def _read_tree(tree: Path, files: Dict[str, List[Path]], channels: int, size, resize, on_bad_image: str,
+def _read_tree(tree: Path, files: Dict[str, List[Path]], channels: int, size, resize, intensity, on_bad_image: str,
                skipped: List[Path]) -> ArrayDataset:
     images: Optional[torch.Tensor] = None
     labels: List[int] = []
-    reader = functools.partial(decode, channels=channels, size=size, resize=resize)
+    reader = functools.partial(decode, channels=channels, size=size, resize=resize, intensity=intensity)
     for label, path, arr in _walk(tree, files, reader, on_bad_image, skipped):
         if images is None:  # preallocate once the size is known: the folder may be large
             images = torch.empty((sum(len(p) for p in files.values()), *arr.shape), dtype=torch.uint8)
@@ -114,12 +120,12 @@ def _read_tree(tree: Path, files: Dict[str, List[Path]], channels: int, size, re
     return ArrayDataset(images, torch.tensor(labels, dtype=torch.int64), list(files), "imagefolder")
 
 
-def _list_tree(tree: Path, files: Dict[str, List[Path]], channels: int, size, resize, on_bad_image: str,
+def _list_tree(tree: Path, files: Dict[str, List[Path]], channels: int, size, resize, intensity, on_bad_image: str,
                skipped: List[Path]) -> FileDataset:
     """The tree as a :class:`FileDataset`: every file is checked now, its pixels decoded (and
     resized / cropped) when a worker asks for the item."""
     found = [(label, path) for label, path, _ in _walk(tree, files, _verify, on_bad_image, skipped)]
-    reader = functools.partial(decode, channels=channels, size=size, resize=resize)
+    reader = functools.partial(decode, channels=channels, size=size, resize=resize, intensity=intensity)
     return FileDataset([p for _, p in found], torch.tensor([lb for lb, _ in found], dtype=torch.int64), list(files),
                        "imagefolder", reader, tuple(reader(found[0][1]).shape))
 
@@ -128,7 +134,8 @@ def _list_tree(tree: Path, files: Dict[str, List[Path]], channels: int, size, re
                                   "format Pillow reads, resized to img_size")
 def imagefolder(root: Optional[str], seed: int, *, img_size: Union[int, Tuple[int, int], None] = 224,
                 channels: int = 3, on_bad_image: str = "skip", stream: bool = False,
-                classes: Union[None, str, List[str]] = None, resize: Optional[int] = None) -> DataBundle:
+                classes: Union[None, str, List[str]] = None, resize: Optional[int] = None,
+                intensity: Intensity = "auto") -> DataBundle:
     """Options: ``img_size`` (int or (H, W); None keeps the files' size, which must then agree),
     ``channels`` (1: grey, 3: RGB), ``on_bad_image`` (``skip``: one warning with the count;
     ``fail``: ValueError naming the file), ``stream`` (decode on demand in DataLoader workers
@@ -136,7 +143,9 @@ def imagefolder(root: Optional[str], seed: int, *, img_size: Union[int, Tuple[in
     ``classes`` (a subset: a list of class folder names, or a text file with one per line such as
     an ImageNet-100 list; labels follow folder-name order), ``resize`` (shorter side to this many
     pixels, then the centre ``img_size`` crop, as ImageNet evaluation does (256 -> 224); default:
-    every image squeezed to ``img_size``)."""
+    every image squeezed to ``img_size``), ``intensity`` (how the files' values become 0..255:
+    ``auto``, ``minmax``, ``percentile`` or a fixed ``[low, high]`` window; see
+    :mod:`vitlab.data.intensity`)."""
     if stream and img_size is None:
         raise ValueError("imagefolder option stream=true needs img_size (streamed batches need one size)")
     if resize is not None:
@@ -146,6 +155,7 @@ def imagefolder(root: Optional[str], seed: int, *, img_size: Union[int, Tuple[in
             raise ValueError(f"imagefolder option resize={resize!r}; expected an int >= the largest side of "
                              f"img_size={img_size!r} (the shorter side is resized to it, then cropped)")
     wanted = class_list(classes, "imagefolder") if classes is not None else None
+    intensity = check_intensity(intensity, "imagefolder")
     if channels not in (1, 3):
         raise ValueError(f"imagefolder option channels={channels!r}; valid: 1, 3")
     if on_bad_image not in ("skip", "fail"):
@@ -159,8 +169,9 @@ def imagefolder(root: Optional[str], seed: int, *, img_size: Union[int, Tuple[in
         check_same_classes("imagefolder", list(train_files), list(test_files), folder)
     skipped: List[Path] = []
     read = _list_tree if stream else _read_tree
-    train = read(train_dir, train_files, channels, size, resize, on_bad_image, skipped)
-    test = None if test_files is None else read(test_dir, test_files, channels, size, resize, on_bad_image, skipped)
+    args = (channels, size, resize, intensity, on_bad_image, skipped)
+    train = read(train_dir, train_files, *args)
+    test = None if test_files is None else read(test_dir, test_files, *args)
     if skipped:
         warnings.warn(f"imagefolder: skipped {len(skipped)} file(s) under {folder} that are not readable images "
                       f"(first: {skipped[0]}); on_bad_image='fail' stops at the first")

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from .base import DATASETS, ArrayDataset, DataBundle
 from .folders import check_same_classes, class_files, split_folders
+from .intensity import Intensity, check_intensity, to_unit
 from .locate import find_root, register_place
 
 NIFTI = (".nii", ".nii.gz")
@@ -51,22 +52,20 @@ def read_volume(path: Path) -> np.ndarray:
     return vol
 
 
-def to_uint8(vol: np.ndarray, size: Optional[Tuple[int, int, int]]) -> torch.Tensor:
-    """(C, H, W, D) -> uint8 (C, *size): min-max scaled over the whole volume, then resized with
-    trilinear interpolation."""
-    v = torch.from_numpy(np.nan_to_num(vol.astype(np.float32)))
-    lo, hi = v.min(), v.max()
-    v = (v - lo) / (hi - lo) if hi > lo else torch.zeros_like(v)
+def to_uint8(vol: np.ndarray, size: Optional[Tuple[int, int, int]], intensity: Intensity = "auto") -> torch.Tensor:
+    """(C, H, W, D) -> uint8 (C, *size): mapped to 0..255 over the whole volume as ``intensity``
+    says (``auto``: min-max; :mod:`vitlab.data.intensity`), then resized with trilinear interpolation."""
+    v = torch.from_numpy(to_unit(np.nan_to_num(vol.astype(np.float32)), intensity))
     if size is not None and tuple(v.shape[1:]) != tuple(size):
         v = F.interpolate(v[None], size=tuple(size), mode="trilinear", align_corners=False)[0]
     return (v * 255).round_().clamp_(0, 255).to(torch.uint8)
 
 
-def _read_tree(files: Dict[str, List[Path]], size) -> ArrayDataset:
+def _read_tree(files: Dict[str, List[Path]], size, intensity: Intensity) -> ArrayDataset:
     vols, labels = [], []
     for label, paths in enumerate(files.values()):
         for path in paths:
-            vol = to_uint8(read_volume(path), size)
+            vol = to_uint8(read_volume(path), size, intensity)
             if vols and vol.shape != vols[0].shape:
                 raise ValueError(f"volumes: {path} is {tuple(vol.shape)} (C, H, W, D) but earlier volumes are "
                                  f"{tuple(vols[0].shape)}; pass size=(H, W, D) to resize every volume")
@@ -82,20 +81,24 @@ register_place("volumes", lambda p: p if p.is_dir() else None,
 
 
 @DATASETS.register("volumes", "3D volumes: class folders of .npy (H, W, D)/(C, H, W, D) or NIfTI files, "
-                              "min-max scaled to uint8")
-def volumes(root: Optional[str], seed: int, *, size: Optional[Tuple[int, int, int]] = None) -> DataBundle:
-    """Option ``size``: (H, W, D) to resize every volume (trilinear); None keeps the files' size,
-    which must then agree."""
+                              "scaled to uint8 (min-max, percentile or a fixed window)")
+def volumes(root: Optional[str], seed: int, *, size: Optional[Tuple[int, int, int]] = None,
+            intensity: Intensity = "auto") -> DataBundle:
+    """Options: ``size``, (H, W, D) to resize every volume (trilinear), or None to keep the files'
+    size, which must then agree; ``intensity``, how a volume's values become 0..255: ``auto`` (=
+    ``minmax``, per volume), ``percentile`` (0.5th-99.5th, per volume) or a fixed ``[low, high]``
+    window in the files' units, e.g. Hounsfield units for CT (:mod:`vitlab.data.intensity`)."""
     if size is not None and (len(size) != 3 or not all(isinstance(s, int) and s > 0 for s in size)):
         raise ValueError(f"volumes option size={size!r}; expected three positive ints (H, W, D) or None")
+    intensity = check_intensity(intensity, "volumes")
     folder = find_root("volumes", root)
     train_dir, test_dir = split_folders(folder)
     train_files = class_files(train_dir, "volumes")
     test_files = class_files(test_dir, "volumes") if test_dir is not None else None
     if test_files is not None:
         check_same_classes("volumes", list(train_files), list(test_files), folder)
-    train = _read_tree(train_files, size)
-    test = _read_tree(test_files, size) if test_files is not None else None
+    train = _read_tree(train_files, size, intensity)
+    test = _read_tree(test_files, size, intensity) if test_files is not None else None
     return DataBundle(train, test, str(folder))
 
 
