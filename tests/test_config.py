@@ -37,6 +37,14 @@ def test_overrides_nest_and_parse_types():
     (["data.name=fashion_mnist"], ["data.name", "'fashion_mnist'", "fashion-mnist"]),
     (["data.options.colour=1"], ["data.options", "'colour'", "download"]),
     (["data.name=imagefolder", "data.options.img_sise=32"], ["'img_sise'", "img_size", "classes"]),
+    # timm models: the model name and the vitlab q/k PE and kernel put inside them
+    (["model.name=timm:resnet1800"], ["model.name", "'resnet1800'", "timm.list_models"]),
+    (["model.name=timm:deit_tiny_patch16_224", "model.qk_pe=ropee"], ["model.qk_pe", "'ropee'", "rope_axial"]),
+    (["model.name=timm:deit_tiny_patch16_224", "model.qk_pe=string_cayley", "model.qk_pe_kwargs.sparsty=0.2"],
+     ["model.qk_pe_kwargs", "'sparsty'", "sparsity"]),
+    (["model.name=timm:deit_tiny_patch16_224", "model.attn=diff"], ["model.attn", "'diff'", "differential"]),
+    (["model.name=timm:deit_tiny_patch16_224", "model.qk_pe=[1]"], ["model.qk_pe=[1]", "rope_axial"]),
+    (["model.name=timm:deit_tiny_patch16_224", "model.qk_pe=pope", "model.qk_pe_kwargs=3"], ["model.qk_pe_kwargs=3"]),
 ])
 def test_bad_overrides_are_one_line_errors(overrides, words):
     with pytest.raises(ValueError) as err:

@@ -211,19 +211,44 @@ def load_config(source: Optional[str] = None, overrides: Optional[List[str]] = N
     return validate(raw)
 
 
+def _check_names(key: str, registry, name, options_key: str, options) -> None:
+    """``name`` registered (else a one-line ValueError led by ``key``) and taking every one of
+    ``options`` (else one led by ``options_key``)."""
+    for where, check in ((key, lambda: registry.get(name)),
+                         (options_key, lambda: registry.check_options(name, options))):
+        try:
+            check()
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}") from None
+
+
 def _check_data_source(data: DataSection) -> None:
     """The data source and its option names, checked with the rest of the config rather than when the
     data loads: `vitlab validate` and a comparison's up-front check then refuse them before any run
     (or cluster job) starts. The options' values are checked by the source when it loads."""
     from .data import DATASETS
 
-    if data.name not in DATASETS:
-        raise ValueError(f"data.name: unknown dataset {data.name!r}; valid: {', '.join(DATASETS.names())}")
-    valid = list(DATASETS.options(data.name))
-    unknown = sorted(set(data.options) - set(valid))
-    if unknown:
-        raise ValueError(f"data.options: dataset {data.name!r} does not take option(s) {unknown}; "
-                         f"valid: {valid or 'none'}")
+    _check_names("data.name", DATASETS, data.name, "data.options", data.options)
+
+
+def _check_timm(model: dict) -> None:
+    """A ``timm:`` model's name, and the names and option names of the q/k PE and kernel vitlab puts
+    in it (their values and shapes are checked when the model is built, once its sizes are known)."""
+    from .models.kernels import KERNELS
+    from .models.qk_base import QK_PES
+    from .models.timm_insert import check_timm_model
+
+    try:
+        check_timm_model(str(model["name"]).removeprefix("timm:"))
+    except ValueError as err:
+        raise ValueError(f"model.name: {err}") from None
+    for key, registry, default in (("qk_pe", QK_PES, "none"), ("attn", KERNELS, "standard")):
+        name, options = model.get(key, default), model.get(f"{key}_kwargs") or {}
+        if not isinstance(name, str):
+            raise ValueError(f"model.{key}={name!r}; valid: {', '.join(registry.names())}")
+        if not isinstance(options, dict):
+            raise ValueError(f"model.{key}_kwargs={options!r}; expected a mapping (option: value)")
+        _check_names(f"model.{key}", registry, name, f"model.{key}_kwargs", options)
 
 
 def validate(raw: dict) -> RunConfig:
@@ -251,7 +276,9 @@ def validate(raw: dict) -> RunConfig:
                 derived["img_size"] = tuple(4 * p for p in patch)
             # else (null, text, ...): no stand-in; the model config names the bad patch_size
         cfg.model_cfg(**derived)
-    elif not str(name).startswith("timm:"):
+    elif str(name).startswith("timm:"):
+        _check_timm(cfg.model)
+    else:
         raise ValueError(f"model.name={name!r}; valid: 'vit' or 'timm:<model name>' (e.g. timm:resnet18)")
     return cfg
 

@@ -36,12 +36,16 @@ class Registry(Generic[T]):
         """Instantiate ``name`` with the ``fixed`` arguments the caller always passes plus user
         ``options``; an option the entry does not take is an error, never silently dropped."""
         factory = self.get(name)
+        self.check_options(name, options)
+        return factory(**fixed, **(options or {}))
+
+    def check_options(self, name: str, options: Optional[dict]) -> None:
+        """ValueError naming the valid options when ``options`` holds one ``name`` does not take."""
         accepted = list(self.options(name))
         unknown = sorted(set(options or {}) - set(accepted))
         if unknown:
             raise ValueError(f"{self.kind} {name!r} does not take option(s) {unknown}; "
                              f"valid: {accepted or 'none'}")
-        return factory(**fixed, **(options or {}))
 
     def options(self, name: str) -> dict:
         """The user options of ``name`` with their defaults (for ``vitlab list``)."""

@@ -16,6 +16,14 @@ from .positions import Grid, make_grid
 from .qk_base import QK_PES
 
 
+def check_timm_model(name: str) -> None:
+    """ValueError when timm has no model ``name`` (the part after ``timm:``)."""
+    import timm
+
+    if not timm.is_model(name):
+        raise ValueError(f"unknown timm model {name!r}; see timm.list_models() (e.g. resnet18, deit_small_patch16_224)")
+
+
 class _GridSource:
     """The patch grid of the batch being processed, set by a forward pre-hook on the timm model."""
 

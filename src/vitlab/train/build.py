@@ -32,8 +32,9 @@ def build_model(cfg: RunConfig, *, in_chans: int, num_classes: int, img_size: Tu
 def build_timm(name: str, cfg: RunConfig, in_chans: int, num_classes: int, img_size) -> Tuple[nn.Module, dict]:
     import timm
 
-    if not timm.is_model(name):
-        raise ValueError(f"unknown timm model {name!r}; see timm.list_models() (e.g. resnet18, deit_small_patch16_224)")
+    from ..models.timm_insert import check_timm_model
+
+    check_timm_model(name)
     vitlab_keys = ("qk_pe", "qk_pe_kwargs", "attn", "attn_kwargs")
     kwargs = {k: v for k, v in cfg.model.items()
               if k not in ("name", "pretrained", "size", "num_classes") + vitlab_keys}
