@@ -41,6 +41,7 @@ def test_two_arm_two_seed_comparison_end_to_end_and_resume(tmp_path, capsys):
     assert "4/4 runs finished" in capsys.readouterr().out
     report = (out / "report.md").read_text()
     assert "| rank | arm |" in report and "rope_axial" in report and "baseline" in report
+    assert "| p | p adj. | verdict |" in report and "The p-values of the 1 test are adjusted for their number by Holm's" in report
     figs = ("learning_curves", "accuracy_vs_time", "confusion", "roc", "resolution", "attention")
     for fig in figs:
         assert f"figures/{fig}.png" in report and (out / "figures" / f"{fig}.png").stat().st_size > 1000
@@ -52,7 +53,7 @@ def test_two_arm_two_seed_comparison_end_to_end_and_resume(tmp_path, capsys):
     if browser.CHROMIUM:  # CI installs Debian's chromium (scripts/system-data.sh)
         seen = browser.rendered(out / "report.html", tmp_path)
         assert len(seen["imgs"]) == len(figs) and all(i and i[0] > 300 and i[1] > 200 for i in seen["imgs"])
-        assert seen["tables"][0] == [3, 8] and len(seen["tables"]) == 4  # ranking: header + 2 arms, 8 columns
+        assert seen["tables"][0] == [3, 9] and len(seen["tables"]) == 4  # ranking: header + 2 arms, 9 columns
         assert seen["h2"][0] == "Ranking (test accuracy (top-1))" and "ROC curves" in " ".join(seen["h2"])
         from PIL import Image
         shot = Image.open(browser.screenshot(out / "report.html", tmp_path / "shot.png", tmp_path)).convert("RGB")
@@ -106,6 +107,36 @@ def test_statistics_against_scipy():
     assert [r["group"] for r in rows] == ["arm", "base"] and rows[1]["verdict"] == "baseline"
 
 
+def test_verdicts_use_p_values_adjusted_for_the_number_of_arms():
+    """Seven arms, each a little better than the baseline on every seed: alone, each paired test says
+    p < 0.05; adjusted for seven comparisons (Holm, the default), most of them are ties."""
+    from statsmodels.stats.multitest import multipletests
+
+    from vitlab.compare.stats import adjust_p
+
+    base = {0: 0.80, 1: 0.82, 2: 0.81}
+    noise = [(0.004, -0.003, 0.0), (0.003, 0.0, -0.004), (-0.002, 0.004, 0.0), (0.0, -0.003, 0.004),
+             (0.002, 0.002, -0.004), (-0.004, 0.0, 0.003), (0.001, -0.004, 0.002)]
+    groups = {"base": base, **{f"a{i}": {s: base[s] + 0.01 + 0.001 * i + e for s, e in enumerate(n)}
+                               for i, n in enumerate(noise)}}
+    raw = summarize(groups, "base", correction="none")
+    tested = [r for r in raw if r["verdict"] != "baseline"]
+    assert all(r["p"] < 0.05 and r["verdict"] == "better" and r["p_adj"] == r["p"] for r in tested)
+    rows = summarize(groups, "base")  # holm
+    by = {r["group"]: r for r in rows}
+    reject, expected, _, _ = multipletests([by[f"a{i}"]["p"] for i in range(7)], alpha=0.05, method="holm")
+    assert [by[f"a{i}"]["p_adj"] for i in range(7)] == pytest.approx(list(expected))
+    assert [by[f"a{i}"]["verdict"] == "better" for i in range(7)] == list(reject)
+    assert sum(reject) < 7 and all(by[f"a{i}"]["p_adj"] >= by[f"a{i}"]["p"] for i in range(7))
+    assert by["base"]["verdict"] == "baseline" and by["base"]["p_adj"] is None
+    bh = {r["group"]: r for r in summarize(groups, "base", correction="fdr_bh")}
+    assert all(bh[g]["p_adj"] <= by[g]["p_adj"] + 1e-12 for g in bh if g != "base")  # BH is never stricter
+    one = summarize({"base": base, "a0": groups["a0"]}, "base")  # one comparison: nothing to adjust
+    assert one[0]["p_adj"] == pytest.approx(one[0]["p"])
+    with pytest.raises(ValueError, match="correction 'sidak'.*holm"):
+        adjust_p(rows, "sidak")
+
+
 @pytest.mark.parametrize("text,words", [
     ("base: fashion-mnist-quick\n", ["needs 'base' and 'arms'"]),
     ("base: fashion-mnist-quick\narms: {a: {model.qk_pe: ropee}}\n", ["arm 'a'", "ropee"]),
@@ -119,6 +150,7 @@ def test_statistics_against_scipy():
     ("base: fashion-mnist-quick\narms: {a: {}}\ngrid: {data.val_fraction: [0.1, 0.2]}\n", ["data.val_fraction", "split"]),
     ("base: fashion-mnist-quick\narms: {a: {}}\nmetric: f1\n", ["metric 'f1'", "auroc_macro"]),
     ("base: fashion-mnist-quick\narms: {a: {}}\nseeds: [1, 1]\n", ["distinct"]),
+    ("base: fashion-mnist-quick\narms: {a: {}}\ncorrection: sidak\n", ["correction 'sidak'", "holm", "fdr_bh"]),
     # a data source or option no run could load: one error, not one failed run (or cluster job) per arm x seed
     ("base: fashion-mnist-quick\noverrides: {data.name: fashion_mnist}\narms: {a: {}, b: {}}\n",
      ["'fashion_mnist'", "fashion-mnist"]),

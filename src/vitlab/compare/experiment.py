@@ -10,6 +10,8 @@
     seeds: 3                           # or a list [0, 1, 2]
     baseline: none                     # the arm the others are tested against
     metric: acc1                       # what the ranking ranks: acc1, acc5 or auroc_macro
+    correction: holm                   # p-values adjusted for the number of arms: holm (default),
+                                       # bonferroni, fdr_bh (Benjamini-Hochberg) or none
     arm_recipe_keys: [train.lr]        # optional: data/train keys an arm may set (say, a pretrained
                                        # baseline's lr); by default arms set model.* keys only
 
@@ -31,9 +33,10 @@ from typing import Any, Dict, List, Optional
 from importlib import resources
 
 from ..config import RunConfig, deep_merge, load_yaml_file, parse_overrides, read_yaml, validate
+from .stats import CORRECTIONS
 
 EXPERIMENT_KEYS = ("base", "overrides", "arms", "grid", "seeds", "baseline", "description", "metric",
-                   "arm_recipe_keys", "quick")
+                   "correction", "arm_recipe_keys", "quick")
 #: the default study (`vitlab compare` with no argument): every PE on Fashion-MNIST, quick scale
 DEFAULT_STUDY = "default"
 METRICS = ("acc1", "acc5", "auroc_macro")
@@ -79,6 +82,7 @@ class Experiment:
     grid: Dict[str, List[Any]] = field(default_factory=dict)
     description: str = ""
     metric: str = "acc1"
+    correction: str = "holm"
     arm_recipe_keys: List[str] = field(default_factory=list)
 
     def points(self) -> List[Dict[str, Any]]:
@@ -174,6 +178,9 @@ def load_experiment(source: Optional[str], seeds: Optional[int] = None) -> Exper
     metric = raw.get("metric", "acc1")
     if metric not in METRICS:
         raise ValueError(f"experiment metric {metric!r}; valid: {', '.join(METRICS)}")
+    correction = raw.get("correction", "holm")
+    if not isinstance(correction, str) or correction not in CORRECTIONS:
+        raise ValueError(f"experiment correction {correction!r}; valid: {', '.join(CORRECTIONS)}")
     recipe_keys = raw.get("arm_recipe_keys") or []
     if not isinstance(recipe_keys, list) or not all(isinstance(k, str) for k in recipe_keys):
         raise ValueError("experiment 'arm_recipe_keys' must be a list of dotted keys, e.g. [train.lr]")
@@ -186,7 +193,8 @@ def load_experiment(source: Optional[str], seeds: Optional[int] = None) -> Exper
     check_fairness({k: dict(v or {}) for k, v in arms.items()}, grid, recipe_keys)
     return Experiment(base=raw.get("base", "fashion-mnist-quick"), arms={k: dict(v or {}) for k, v in arms.items()},
                       seeds=seeds_, baseline=baseline, overrides=overrides, grid=grid,
-                      description=raw.get("description", ""), metric=metric, arm_recipe_keys=list(recipe_keys))
+                      description=raw.get("description", ""), metric=metric, correction=correction,
+                      arm_recipe_keys=list(recipe_keys))
 
 
 def check_fairness(arms: Dict[str, Dict[str, Any]], grid: Dict[str, list], recipe_keys: List[str]) -> None:

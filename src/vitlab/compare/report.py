@@ -14,7 +14,7 @@ import yaml
 from .. import rundir
 from ..data.dedupe import leakage_line
 from .runner import run_state
-from .stats import ALPHA, mean_ci, summarize
+from .stats import ALPHA, CORRECTIONS, adjust_p, mean_ci, summarize
 
 METRIC_NAMES = {"acc1": "test accuracy (top-1)", "acc5": "test accuracy (top-5)", "auroc_macro": "test AUROC (macro, one-vs-rest)"}
 #: config keys that may differ between the runs of one comparison without changing the recipe
@@ -119,8 +119,10 @@ def ranking_rows(manifest: dict, finished: List[dict]) -> List[dict]:
     for g in groups:  # summarize() pairs with one baseline; here each grid point has its own
         base = baseline_of[g]
         sub = {g: groups[g], **({base: groups[base]} if base in groups else {})}
-        row = next(x for x in summarize(sub, base if base in groups else None, metric) if x["group"] == g)
+        row = next(x for x in summarize(sub, base if base in groups else None, metric, correction="none")
+                   if x["group"] == g)
         rows.append(row)
+    adjust_p(rows, manifest.get("correction", "holm"))  # one family: every arm-vs-baseline test of the comparison
     return sorted(rows, key=lambda r: -r["mean"] if not math.isnan(r["mean"]) else math.inf)
 
 
@@ -147,18 +149,25 @@ def write_report(out: Path) -> Path:
         first = data["finished"][0]["dir"] / "split.json"
         if first.is_file():
             lines += [leakage_line(json.loads(first.read_text())), ""]
+    correction = m.get("correction", "holm")
+    tests = sum(r["p"] is not None for r in rows)
+    adjusted = (f"The p-values of the {tests} test{'s' * (tests != 1)} are adjusted for their number by "
+                f"{CORRECTIONS[correction]} (statsmodels `multipletests`, `{correction}`; column p adj.), and differences with adjusted p >= "
+                f"{ALPHA} are called ties" if correction != "none" else
+                f"The p-values are not adjusted for their number (`correction: none`); differences with p >= "
+                f"{ALPHA} are called ties")
     lines += [f"## Ranking ({METRIC_NAMES.get(metric, metric)})", "",
               f"Mean ± sample std over seeds, 95% t-interval of the mean, and a two-sided paired t-test "
               f"against the baseline arm (at the same grid point), paired by seed (scipy `ttest_rel`). "
-              f"Differences with p >= {ALPHA} are called ties: the seeds do not support ranking them.", "",
-              f"| rank | arm | n | {metric} mean ± std | 95% CI | Δ vs baseline | p | verdict |",
-              "|---:|---|---:|---|---|---:|---:|---|"]
+              f"{adjusted}: the seeds do not support ranking them.", "",
+              f"| rank | arm | n | {metric} mean ± std | 95% CI | Δ vs baseline | p | p adj. | verdict |",
+              "|---:|---|---:|---|---|---:|---:|---:|---|"]
     for i, r in enumerate(rows, 1):
         spread = (f"{_fmt(r['mean'])} ± {_fmt(r['std'])} | [{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}]" if r["n"] > 1
                   else f"{_fmt(r['mean'])} | n/a")
         verdict = r["verdict"] if r["n"] > 1 or r["verdict"] == "baseline" else "tie (one seed: untested)"
         lines.append(f"| {i} | {r['group']} | {r['n']} | {spread} | {_fmt(r['diff'], '+.4f')} | "
-                     f"{_fmt(r['p'], '.3g')} | {verdict} |")
+                     f"{_fmt(r['p'], '.3g')} | {_fmt(r['p_adj'], '.3g')} | {verdict} |")
     lines += ["", "## Cost and other metrics", "",
               "Mean over seeds. FLOPs of one forward pass per image; train img/s over the whole training; inference "
               "ms per evaluation batch (the run's `eval_batch_size`).", "",

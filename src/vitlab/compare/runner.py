@@ -76,7 +76,7 @@ def run_compare(exp: Experiment, out: Path, *, extra: Optional[List[str]] = None
     rundir.make_dir(out / "configs")
     manifest = {"base": exp.base, "baseline": exp.baseline, "seeds": exp.seeds, "arms": exp.arms, "grid": exp.grid,
                 "overrides": exp.overrides, "extra": list(extra or []), "description": exp.description,
-                "metric": exp.metric, "arm_recipe_keys": exp.arm_recipe_keys,
+                "metric": exp.metric, "correction": exp.correction, "arm_recipe_keys": exp.arm_recipe_keys,
                 "runs": [{"name": s.name, "arm": s.arm, "point": s.point, "seed": s.seed} for s in specs]}
     previous = out / "experiment.json"
     if previous.is_file():

@@ -1,5 +1,6 @@
 """Statistics over seeds: mean, sample std, 95% t-interval, paired t-test against the baseline
-(paired by seed), through scipy."""
+(paired by seed), through scipy; the p-values of a comparison's several tests adjusted for their
+number through statsmodels."""
 from __future__ import annotations
 
 import math
@@ -9,6 +10,12 @@ import numpy as np
 from scipy import stats
 
 ALPHA = 0.05
+#: multiple-comparison corrections an experiment may ask for (``correction:``): statsmodels
+#: ``multipletests`` methods, and ``none``
+CORRECTIONS = {"holm": "Holm's step-down method, which controls the family-wise error rate",
+               "bonferroni": "Bonferroni's method, which controls the family-wise error rate",
+               "fdr_bh": "the Benjamini-Hochberg method, which controls the false discovery rate",
+               "none": "no correction"}
 
 
 def mean_ci(values: List[float], level: float = 0.95) -> dict:
@@ -33,12 +40,39 @@ def paired_test(arm: Dict[int, float], base: Dict[int, float]) -> dict:
         p = 0.0 if diff != 0 else 1.0
     else:
         p = float(stats.ttest_rel(a, b).pvalue)
-    verdict = "tie" if p >= ALPHA else ("better" if diff > 0 else "worse")
-    return {"pairs": len(seeds), "diff": diff, "p": p, "verdict": verdict}
+    return {"pairs": len(seeds), "diff": diff, "p": p, "verdict": _verdict(p, diff)}
 
 
-def summarize(groups: Dict[str, Dict[int, float]], baseline: Optional[str], metric: str = "acc1") -> List[dict]:
-    """Rows per group (arm or arm@point), ranked by mean, with intervals and the paired test."""
+def _verdict(p: float, diff: float) -> str:
+    return "tie" if p >= ALPHA else ("better" if diff > 0 else "worse")
+
+
+def adjust_p(rows: List[dict], correction: str = "holm") -> List[dict]:
+    """Adjust the rows' paired-test p-values for how many there are (``correction``, one of
+    ``CORRECTIONS``), into ``p_adj``, and decide each verdict by it: seven unadjusted tests at 0.05
+    (seven arms against one baseline) would, were they independent, call at least one tie a
+    difference 30% of the time (1 - 0.95^7). Rows without a test (the baseline, a single seed) get
+    ``p_adj`` None. In place; returns ``rows``."""
+    if correction not in CORRECTIONS:
+        raise ValueError(f"correction {correction!r}; valid: {', '.join(CORRECTIONS)}")
+    tested = [r for r in rows if r.get("p") is not None]
+    adjusted = [r["p"] for r in tested]
+    if tested and correction != "none":
+        from statsmodels.stats.multitest import multipletests
+
+        adjusted = multipletests(adjusted, alpha=ALPHA, method=correction)[1]
+    for r in rows:
+        r["p_adj"] = None
+    for r, p in zip(tested, adjusted):
+        r["p_adj"] = float(p)
+        r["verdict"] = _verdict(r["p_adj"], r["diff"])
+    return rows
+
+
+def summarize(groups: Dict[str, Dict[int, float]], baseline: Optional[str], metric: str = "acc1",
+              correction: str = "holm") -> List[dict]:
+    """Rows per group (arm or arm@point), ranked by mean, with intervals and the paired test against
+    ``baseline``, its p-values adjusted for their number by ``correction`` (:func:`adjust_p`)."""
     rows = []
     for name, by_seed in groups.items():
         row = {"group": name, "metric": metric, **mean_ci(list(by_seed.values()))}
@@ -47,4 +81,5 @@ def summarize(groups: Dict[str, Dict[int, float]], baseline: Optional[str], metr
         else:
             row.update(pairs=None, diff=None, p=None, verdict="baseline" if name == baseline else "")
         rows.append(row)
+    adjust_p(rows, correction)
     return sorted(rows, key=lambda r: -r["mean"] if not math.isnan(r["mean"]) else math.inf)
