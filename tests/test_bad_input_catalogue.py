@@ -487,6 +487,11 @@ CATALOGUE = [
          "not valid JSON"),
     case("report-wrong-manifest", files(experiment__json='{"runs": 3}'), ["report", "{tmp}"], "experiment.json",
          "not a vitlab experiment manifest"),
+    case("report-manifest-bad-correction",
+         files(experiment__json='{"runs": [], "baseline": "none", "correction": ["holm"]}'), ["report", "{tmp}"],
+         "experiment.json", "correction ['holm']", "fdr_bh"),
+    case("report-manifest-bad-metric", files(experiment__json='{"runs": [], "baseline": "none", "metric": {}}'),
+         ["report", "{tmp}"], "experiment.json", "metric {}", "auroc_macro"),
 ]
 
 

@@ -309,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("compare", help="run every arm x grid point x seed of an experiment and write the report "
                                        "(no argument: the default study on Fashion-MNIST)")
     s.add_argument("experiment", nargs="?", help="a study's name (`vitlab list` shows them) or an experiment YAML "
-                                                 "(base, arms, grid, seeds, baseline, metric)")
+                                                 "(base, arms, grid, seeds, baseline, metric, correction)")
     s.add_argument("overrides", nargs="*", help="dotted overrides applied to every run")
     s.add_argument("--out", help="comparison directory (default runs/<experiment>)")
     s.add_argument("--jobs", type=int, default=None, help="runs at once (default 1; each gets cores/jobs threads); "

@@ -13,6 +13,7 @@ import yaml
 
 from .. import rundir
 from ..data.dedupe import leakage_line
+from .experiment import METRICS
 from .runner import run_state
 from .stats import ALPHA, CORRECTIONS, adjust_p, mean_ci, summarize
 
@@ -51,6 +52,10 @@ def collect(out: Path) -> dict:
     if not runs_ok or "baseline" not in manifest:
         raise ValueError(f"{manifest_file}: not a vitlab experiment manifest (it needs 'baseline' and 'runs' with "
                          f"name/arm/point/seed); rerun `vitlab compare` with the same experiment and --out")
+    for key, valid, default in (("metric", METRICS, "acc1"), ("correction", CORRECTIONS, "holm")):
+        value = manifest.get(key, default)
+        if not isinstance(value, str) or value not in valid:
+            raise ValueError(f"{manifest_file}: {key} {value!r}; valid: {', '.join(valid)}")
     finished, others = [], []
     for r in manifest["runs"]:
         run = out / "runs" / r["name"]

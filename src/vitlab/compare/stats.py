@@ -53,7 +53,7 @@ def adjust_p(rows: List[dict], correction: str = "holm") -> List[dict]:
     (seven arms against one baseline) would, were they independent, call at least one tie a
     difference 30% of the time (1 - 0.95^7). Rows without a test (the baseline, a single seed) get
     ``p_adj`` None. In place; returns ``rows``."""
-    if correction not in CORRECTIONS:
+    if not isinstance(correction, str) or correction not in CORRECTIONS:
         raise ValueError(f"correction {correction!r}; valid: {', '.join(CORRECTIONS)}")
     tested = [r for r in rows if r.get("p") is not None]
     adjusted = [r["p"] for r in tested]
