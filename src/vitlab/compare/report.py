@@ -157,8 +157,8 @@ def write_report(out: Path) -> Path:
     correction = m.get("correction", "holm")
     tests = sum(r["p"] is not None for r in rows)
     adjusted = (f"The p-values of the {tests} test{'s' * (tests != 1)} are adjusted for their number by "
-                f"{CORRECTIONS[correction]} (statsmodels `multipletests`, `{correction}`; column p adj.), and differences with adjusted p >= "
-                f"{ALPHA} are called ties" if correction != "none" else
+                f"{CORRECTIONS[correction]} (statsmodels `multipletests`, `{correction}`; column p adj.), and "
+                f"differences with adjusted p >= {ALPHA} are called ties" if correction != "none" else
                 f"The p-values are not adjusted for their number (`correction: none`); differences with p >= "
                 f"{ALPHA} are called ties")
     lines += [f"## Ranking ({METRIC_NAMES.get(metric, metric)})", "",
