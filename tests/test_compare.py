@@ -137,6 +137,37 @@ def test_verdicts_use_p_values_adjusted_for_the_number_of_arms():
         adjust_p(rows, "sidak")
 
 
+def test_dry_run_lists_every_run_and_what_would_happen_without_writing(tmp_path, capsys, monkeypatch):
+    from vitlab.compare.runner import plan_compare
+
+    out = tmp_path / "o"
+    assert main(["compare", "--dry-run", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "24 runs = 8 arms x 1 grid point x 3 seeds; baseline none, metric acc1, correction holm" in text
+    assert text.endswith("dry run, nothing trained or written: 24 to run\n") and len(text.splitlines()) == 26
+    assert "rope_mixed+learned-s2" in text and "model.qk_pe=rope_mixed model.token_pe=learned" in text
+    assert not out.exists()
+    # an earlier, unfinished comparison in out: finished runs skipped, a killed one resumed, a failed one
+    # skipped unless --retry-failed
+    for name, files in {"none-s0": {"status.json": '{"status": "finished"}', "final.json": "{}"},
+                        "none-s1": {"checkpoints/last.pt": ""}, "none-s2": {"status.json": '{"status": "failed"}'}}.items():
+        for f, text in files.items():
+            (out / "runs" / name / f).parent.mkdir(parents=True, exist_ok=True)
+            (out / "runs" / name / f).write_text(text)
+    before = sorted(p for p in out.rglob("*"))
+    exp = load_experiment(None)
+    for retry, failed_action in ((False, "skip"), (True, "run")):
+        plan = {r["name"]: (r["action"], r["state"]) for r in plan_compare(exp, out, retry_failed=retry)}
+        assert plan["none-s0"] == ("skip", "finished") and plan["none-s1"] == ("resume", "partial")
+        assert plan["none-s2"] == (failed_action, "failed") and plan["pope-s0"] == ("run", "new")
+    assert main(["compare", "--dry-run", "--out", str(out)]) == 0
+    assert capsys.readouterr().out.endswith("nothing trained or written: 2 to skip, 1 to resume, 21 to run\n")
+    assert sorted(p for p in out.rglob("*")) == before  # nothing written
+    monkeypatch.setattr("shutil.which", lambda name: None)  # no sbatch: the launcher is checked too
+    assert main(["compare", "--dry-run", "--out", str(out), "--launcher", "slurm"]) == 2
+    assert "sbatch" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("text,words", [
     ("base: fashion-mnist-quick\n", ["needs 'base' and 'arms'"]),
     ("base: fashion-mnist-quick\narms: {a: {model.qk_pe: ropee}}\n", ["arm 'a'", "ropee"]),

@@ -6,6 +6,7 @@ traceback only with ``--debug``.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import sys
 from pathlib import Path
@@ -212,6 +213,8 @@ def cmd_compare(args) -> int:
     exp = load_experiment(args.experiment, seeds=args.seeds)
     out = Path(args.out) if args.out else Path("runs") / (Path(args.experiment).stem if args.experiment else "default-study")
     check_output_dir(out)
+    if args.dry_run:
+        return _print_plan(exp, out, args)
     log = (lambda m: print(m, file=sys.stderr, flush=True)) if not args.quiet else (lambda m: None)
     states = run_compare(exp, out, extra=args.overrides, jobs=args.jobs, retry_failed=args.retry_failed, log=log,
                          launcher=args.launcher, cluster=_cluster_options(args), wait=not args.no_wait,
@@ -224,6 +227,27 @@ def cmd_compare(args) -> int:
     failed = [n for n, st in states.items() if st != "finished"]
     print(f"{out}: {len(states) - len(failed)}/{len(states)} runs finished; report: {report}")
     return 1 if failed else 0
+
+
+def _print_plan(exp, out: Path, args) -> int:
+    """``vitlab compare --dry-run``: every run and what a real call would do with it; nothing written."""
+    from .compare.runner import plan_compare
+
+    plan = plan_compare(exp, out, extra=args.overrides, retry_failed=args.retry_failed, launcher=args.launcher,
+                        cluster=_cluster_options(args), wait=not args.no_wait)
+    points = len(exp.points())
+    print(f"{out}: {len(plan)} runs = {len(exp.arms)} arms x {points} grid point{'s' * (points != 1)} x "
+          f"{len(exp.seeds)} seeds; baseline {exp.baseline}, metric {exp.metric}, correction {exp.correction}, "
+          f"launcher {args.launcher}")
+    width = max(len(r["name"]) for r in plan)
+    for r in plan:
+        point = " ".join(f"{k}={v}" for k, v in r["point"].items())
+        keys = " ".join(f"{k}={v}" for k, v in exp.arms[r["arm"]].items()) or "(base config)"
+        print(f"  {r['name']:<{width}}  {r['action']:<9}  {r['state']:<8}  {keys}{'  @ ' + point if point else ''}")
+    counts = collections.Counter(r["action"] for r in plan)
+    said = {"run": "to run", "resume": "to resume", "skip": "to skip", "in flight": "in flight"}
+    print("dry run, nothing trained or written: " + ", ".join(f"{n} {said[a]}" for a, n in counts.items()))
+    return 0
 
 
 def _cluster_options(args):
@@ -315,6 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--jobs", type=int, default=None, help="runs at once (default 1; each gets cores/jobs threads); "
                    "with --launcher slurm: the job array's parallelism (default: the scheduler's)")
     s.add_argument("--retry-failed", action="store_true", help="run failed runs again")
+    s.add_argument("--dry-run", action="store_true", help="check the experiment (every run's config, the launcher, "
+                   "an earlier comparison in --out) and list its runs and what would happen to each, without "
+                   "training or writing anything")
     s.add_argument("--procs-per-run", type=int, metavar="N", help="train each run data-parallel on N processes "
                    "(torchrun; default 1, with a job launcher --gpus-per-run); locally, runs at once get GPUs "
                    "of their own, N each")

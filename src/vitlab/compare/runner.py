@@ -51,6 +51,54 @@ def _command(spec: RunSpec, run: Path, cfg_file: Path, threads: int, procs: int 
     return base + [str(cfg_file), "--out", str(run), "--force"] + ([f"train.threads={threads}"] if threads else [])
 
 
+def _manifest(exp: Experiment, specs: List[RunSpec], extra: Optional[List[str]]) -> dict:
+    return {"base": exp.base, "baseline": exp.baseline, "seeds": exp.seeds, "arms": exp.arms, "grid": exp.grid,
+            "overrides": exp.overrides, "extra": list(extra or []), "description": exp.description,
+            "metric": exp.metric, "correction": exp.correction, "arm_recipe_keys": exp.arm_recipe_keys,
+            "runs": [{"name": s.name, "arm": s.arm, "point": s.point, "seed": s.seed} for s in specs]}
+
+
+def _check_same_experiment(out: Path, exp: Experiment, specs: List[RunSpec], manifest: dict) -> None:
+    """A comparison directory already there must hold this experiment: the same runs, and each run's
+    saved config the one this experiment asks for (so a finished run is never reused for another)."""
+    previous = out / "experiment.json"
+    if not previous.is_file():
+        return
+    old = json.loads(previous.read_text())
+    if {r["name"] for r in old["runs"]} != {r["name"] for r in manifest["runs"]} or old["base"] != exp.base:
+        raise ValueError(f"{out} holds another experiment (different arms, seeds or base); use another --out")
+    for spec in specs:
+        saved = out / "configs" / f"{spec.name}.yaml"
+        if saved.is_file() and saved.read_text() != dump_yaml(spec.config):
+            raise ValueError(f"{spec.name}: its config differs from this experiment's (changed base, overrides "
+                             f"or arm keys); use another --out")
+
+
+def plan_compare(exp: Experiment, out: Path, *, extra: Optional[List[str]] = None, retry_failed: bool = False,
+                 launcher: str = "local", cluster: Optional["ClusterOptions"] = None, wait: bool = True) -> List[dict]:
+    """What :func:`run_compare` would do, checked as it checks (every run's config, the launcher, a
+    comparison already in ``out``) but without training, submitting or writing anything: one dict
+    per run with its name, arm, grid point, seed, state (:func:`run_state`) and action (``run``,
+    ``resume``, ``skip``; ``in flight`` for a job an earlier call submitted)."""
+    check_launcher(launcher, cluster, wait)
+    specs = exp.runs(extra)
+    out = Path(out)
+    _check_same_experiment(out, exp, specs, _manifest(exp, specs, extra))
+    in_flight = _in_flight(out)
+    plan = []
+    for spec in specs:
+        state = run_state(out / "runs" / spec.name)
+        if spec.name in in_flight:
+            action = "in flight"
+        elif state == "finished" or (state in ("failed", "diverged") and not retry_failed):
+            action = "skip"
+        else:
+            action = "resume" if state == "partial" else "run"
+        plan.append({"name": spec.name, "arm": spec.arm, "point": spec.point, "seed": spec.seed, "state": state,
+                     "action": action})
+    return plan
+
+
 def run_compare(exp: Experiment, out: Path, *, extra: Optional[List[str]] = None, jobs: Optional[int] = 1,
                 retry_failed: bool = False, log: Callable[[str], None] = print, launcher: str = "local",
                 cluster: Optional["ClusterOptions"] = None, wait: bool = True,
@@ -72,23 +120,11 @@ def run_compare(exp: Experiment, out: Path, *, extra: Optional[List[str]] = None
     procs = procs or (cluster.gpus_per_run if launcher != "local" and (cluster.gpus_per_run or 0) > 1 else 1)
     specs = exp.runs(extra)
     out = Path(out)
+    manifest = _manifest(exp, specs, extra)
+    _check_same_experiment(out, exp, specs, manifest)
     rundir.make_dir(out / "runs")
     rundir.make_dir(out / "configs")
-    manifest = {"base": exp.base, "baseline": exp.baseline, "seeds": exp.seeds, "arms": exp.arms, "grid": exp.grid,
-                "overrides": exp.overrides, "extra": list(extra or []), "description": exp.description,
-                "metric": exp.metric, "correction": exp.correction, "arm_recipe_keys": exp.arm_recipe_keys,
-                "runs": [{"name": s.name, "arm": s.arm, "point": s.point, "seed": s.seed} for s in specs]}
-    previous = out / "experiment.json"
-    if previous.is_file():
-        old = json.loads(previous.read_text())
-        if {r["name"] for r in old["runs"]} != {r["name"] for r in manifest["runs"]} or old["base"] != exp.base:
-            raise ValueError(f"{out} holds another experiment (different arms, seeds or base); use another --out")
-        for spec in specs:  # a finished run must have been trained with the config this experiment asks for
-            saved = out / "configs" / f"{spec.name}.yaml"
-            if saved.is_file() and saved.read_text() != dump_yaml(spec.config):
-                raise ValueError(f"{spec.name}: its config differs from this experiment's (changed base, overrides "
-                                 f"or arm keys); use another --out")
-    rundir.write_json(previous, manifest)
+    rundir.write_json(out / "experiment.json", manifest)
     in_flight = _in_flight(out)  # runs an earlier call submitted that are still queued or running
     if in_flight and launcher == "local":
         ids = ", ".join(f"{n} ({r['launcher']} job {r['job_id']})" for n, r in sorted(in_flight.items()))
