@@ -76,13 +76,18 @@ echo "Submitted batch job 4242"
 """
 
 
-def test_slurm_job_array_and_no_wait(tmp_path, monkeypatch, capsys):
+def fake_slurm(tmp_path, monkeypatch):
+    """sbatch and srun on PATH that record the batch script and answer with job 4242."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     for name, text in (("sbatch", FAKE_SBATCH.format(dest=tmp_path / "submitted.sh")), ("srun", "#!/bin/sh\n")):
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(stat.S_IRWXU)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+
+
+def test_slurm_job_array_and_no_wait(tmp_path, monkeypatch, capsys):
+    fake_slurm(tmp_path, monkeypatch)
     exp_file = tmp_path / "exp.yaml"
     exp_file.write_text(ONE_SEED)
     out = tmp_path / "cmp"
@@ -97,6 +102,24 @@ def test_slurm_job_array_and_no_wait(tmp_path, monkeypatch, capsys):
     records = json.loads((out / "slurm" / "jobs.json").read_text())
     assert {r["job_id"] for r in records.values()} == {"4242_0", "4242_1"}
     assert not (out / "runs" / "none-s0" / "final.json").exists()  # nothing ran here
+
+
+def test_data_not_found_stops_a_local_comparison_but_only_warns_before_slurm_jobs(tmp_path, monkeypatch, capsys):
+    """Every run reads the same data, so it is looked for once before anything starts; compute nodes
+    may mount what the submitting host does not, so under Slurm a miss only warns."""
+    exp_file = tmp_path / "exp.yaml"
+    exp_file.write_text(ONE_SEED.replace("data.name: synthetic", f"data.name: mnist\n  data.root: {tmp_path}/nodata")
+                        .replace("data.options: {num_classes: 4, img_size: 16, n_train: 256, n_test: 96}", "data.options: {}"))
+    for argv in ([], ["--dry-run"], ["--launcher", "submitit-local"]):
+        assert main(["compare", str(exp_file), "--out", str(tmp_path / "o"), *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "dataset 'mnist' not found" in err and f"{tmp_path}/nodata" in err
+        assert not (tmp_path / "o").exists()
+    fake_slurm(tmp_path, monkeypatch)
+    assert main(["compare", str(exp_file), "--out", str(tmp_path / "o"), "--launcher", "slurm", "--no-wait"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: dataset 'mnist' not found" in err and "the Slurm jobs look again where they run" in err
+    assert (tmp_path / "submitted.sh").is_file()
 
 
 @pytest.mark.parametrize("argv,words", [

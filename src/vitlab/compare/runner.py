@@ -74,16 +74,36 @@ def _check_same_experiment(out: Path, exp: Experiment, specs: List[RunSpec], man
                              f"or arm keys); use another --out")
 
 
+def _check_data(spec: RunSpec, launcher: str, log: Callable[[str], None]) -> None:
+    """Look for the data once, before anything starts, rather than have every run (or job) fail on it:
+    every run of a comparison reads the same data (``check_fairness`` keeps the split keys equal). A
+    source that downloads (``download: true``) or generates its data is not looked for. Under Slurm
+    a miss is a warning: the compute nodes may mount what this host does not."""
+    from ..data.locate import PLACES, find_root
+
+    data = spec.config.data
+    if data.name not in PLACES or data.options.get("download"):
+        return
+    try:
+        find_root(data.name, data.root)
+    except FileNotFoundError as err:
+        if launcher != "slurm":
+            raise
+        log(f"warning: {err} (from this host; the Slurm jobs look again where they run)")
+
+
 def plan_compare(exp: Experiment, out: Path, *, extra: Optional[List[str]] = None, retry_failed: bool = False,
-                 launcher: str = "local", cluster: Optional["ClusterOptions"] = None, wait: bool = True) -> List[dict]:
+                 launcher: str = "local", cluster: Optional["ClusterOptions"] = None, wait: bool = True,
+                 log: Callable[[str], None] = print) -> List[dict]:
     """What :func:`run_compare` would do, checked as it checks (every run's config, the launcher, a
-    comparison already in ``out``) but without training, submitting or writing anything: one dict
+    comparison already in ``out``, the data) but without training, submitting or writing anything: one dict
     per run with its name, arm, grid point, seed, state (:func:`run_state`) and action (``run``,
     ``resume``, ``skip``; ``in flight`` for a job an earlier call submitted)."""
     check_launcher(launcher, cluster, wait)
     specs = exp.runs(extra)
     out = Path(out)
     _check_same_experiment(out, exp, specs, _manifest(exp, specs, extra))
+    _check_data(specs[0], launcher, log)
     in_flight = _in_flight(out)
     plan = []
     for spec in specs:
@@ -122,6 +142,7 @@ def run_compare(exp: Experiment, out: Path, *, extra: Optional[List[str]] = None
     out = Path(out)
     manifest = _manifest(exp, specs, extra)
     _check_same_experiment(out, exp, specs, manifest)
+    _check_data(specs[0], launcher, log)
     rundir.make_dir(out / "runs")
     rundir.make_dir(out / "configs")
     rundir.write_json(out / "experiment.json", manifest)
