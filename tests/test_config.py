@@ -55,6 +55,15 @@ def test_bad_overrides_are_one_line_errors(overrides, words):
         assert w in msg, (w, msg)
 
 
+def test_an_experiment_given_as_a_run_config_names_the_command_that_takes_it(tmp_path):
+    exp = tmp_path / "exp.yaml"
+    exp.write_text("base: fashion-mnist-quick\narms: {a: {}}\n")
+    with pytest.raises(ValueError, match=r"is an experiment \(it has 'arms'\).*vitlab compare .*exp.yaml --dry-run"):
+        load_config(str(exp))
+    with pytest.raises(ValueError, match=r"'string-cifar-quick' is a study .*vitlab compare string-cifar-quick --dry-run"):
+        load_config("string-cifar-quick")
+
+
 def test_unknown_preset_lists_presets():
     with pytest.raises(ValueError, match="unknown preset 'fmnist'.*fashion-mnist"):
         load_config("fmnist")

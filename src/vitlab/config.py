@@ -194,6 +194,11 @@ def read_yaml(source: str) -> dict:
     if not path.suffix and not path.exists():
         path = PRESET_DIR / f"{source}.yaml"
         if not path.exists():
+            from .compare.experiment import studies
+
+            if source in studies():
+                raise ValueError(f"{source!r} is a study (an experiment), not a run config preset: run it with "
+                                 f"`vitlab compare {source}`, or check it with `vitlab compare {source} --dry-run`")
             raise ValueError(f"unknown preset {source!r}; valid: {', '.join(presets())} (or a path to a .yaml file)")
     data = load_yaml_file(path, "config")
     if not isinstance(data, dict):
@@ -207,6 +212,9 @@ def read_yaml(source: str) -> dict:
 def load_config(source: Optional[str] = None, overrides: Optional[List[str]] = None) -> RunConfig:
     """Resolve a preset or YAML plus overrides into a validated :class:`RunConfig`."""
     raw = read_yaml(source) if source else {}
+    if "arms" in raw:  # the other kind of YAML: say so rather than list its keys as unknown
+        raise ValueError(f"{source} is an experiment (it has 'arms'), not a run config: run it with "
+                         f"`vitlab compare {source}`, or check it with `vitlab compare {source} --dry-run`")
     raw = deep_merge(raw, parse_overrides(overrides or []))
     return validate(raw)
 
