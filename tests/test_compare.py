@@ -38,8 +38,11 @@ def test_two_arm_two_seed_comparison_end_to_end_and_resume(tmp_path, capsys):
     exp_file.write_text(EXP)
     out = tmp_path / "cmp"
     assert main(["compare", str(exp_file), "--out", str(out), "--quiet"]) == 0
-    assert "4/4 runs finished" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "4/4 runs finished" in printed
     report = (out / "report.md").read_text()
+    table = [line for line in printed.splitlines() if line.startswith("|")]  # the ranking, in the terminal too
+    assert len(table) == 4 and "\n".join(table) in report and table[0].startswith("| rank | arm |")
     assert "| rank | arm |" in report and "rope_axial" in report and "baseline" in report
     assert "| p | p adj. | verdict |" in report and "The p-values of the 1 test are adjusted for their number by Holm's" in report
     figs = ("learning_curves", "accuracy_vs_time", "confusion", "roc", "resolution", "attention")

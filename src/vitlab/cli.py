@@ -207,7 +207,7 @@ def cmd_validate(args) -> int:
 
 def cmd_compare(args) -> int:
     from .compare import load_experiment, run_compare
-    from .compare.report import write_report
+    from .compare.report import ranking_summary, write_report
     from .rundir import check_output_dir
 
     exp = load_experiment(args.experiment, seeds=args.seeds)
@@ -224,6 +224,7 @@ def cmd_compare(args) -> int:
               f"finished); when they are done: vitlab report {out}")
         return 0
     report = write_report(out)
+    print(ranking_summary(out))
     failed = [n for n, st in states.items() if st != "finished"]
     print(f"{out}: {len(states) - len(failed)}/{len(states)} runs finished; report: {report}")
     return 1 if failed else 0
@@ -267,9 +268,11 @@ def _cluster_options(args):
 
 
 def cmd_report(args) -> int:
-    from .compare.report import write_report
+    from .compare.report import ranking_summary, write_report
 
-    print(write_report(args.dir))
+    report = write_report(args.dir)
+    print(ranking_summary(args.dir))
+    print(report)
     return 0
 
 

@@ -131,6 +131,26 @@ def ranking_rows(manifest: dict, finished: List[dict]) -> List[dict]:
     return sorted(rows, key=lambda r: -r["mean"] if not math.isnan(r["mean"]) else math.inf)
 
 
+def ranking_table(rows: List[dict], metric: str) -> List[str]:
+    """The ranking as markdown table lines (header first), from :func:`ranking_rows`."""
+    lines = [f"| rank | arm | n | {metric} mean ± std | 95% CI | Δ vs baseline | p | p adj. | verdict |",
+             "|---:|---|---:|---|---|---:|---:|---:|---|"]
+    for i, r in enumerate(rows, 1):
+        spread = (f"{_fmt(r['mean'])} ± {_fmt(r['std'])} | [{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}]" if r["n"] > 1
+                  else f"{_fmt(r['mean'])} | n/a")
+        verdict = r["verdict"] if r["n"] > 1 or r["verdict"] == "baseline" else "tie (one seed: untested)"
+        lines.append(f"| {i} | {r['group']} | {r['n']} | {spread} | {_fmt(r['diff'], '+.4f')} | "
+                     f"{_fmt(r['p'], '.3g')} | {_fmt(r['p_adj'], '.3g')} | {verdict} |")
+    return lines
+
+
+def ranking_summary(out: Path) -> str:
+    """The ranking table of comparison ``out`` as text, for the terminal (report.md holds it too)."""
+    data = collect(out)
+    metric = data["manifest"].get("metric", "acc1")
+    return "\n".join(ranking_table(ranking_rows(data["manifest"], data["finished"]), metric))
+
+
 def write_report(out: Path) -> Path:
     """Write ``out/report.md`` and ``out/report.html``; returns report.md's path."""
     out = Path(out)
@@ -164,15 +184,7 @@ def write_report(out: Path) -> Path:
     lines += [f"## Ranking ({METRIC_NAMES.get(metric, metric)})", "",
               f"Mean ± sample std over seeds, 95% t-interval of the mean, and a two-sided paired t-test "
               f"against the baseline arm (at the same grid point), paired by seed (scipy `ttest_rel`). "
-              f"{adjusted}: the seeds do not support ranking them.", "",
-              f"| rank | arm | n | {metric} mean ± std | 95% CI | Δ vs baseline | p | p adj. | verdict |",
-              "|---:|---|---:|---|---|---:|---:|---:|---|"]
-    for i, r in enumerate(rows, 1):
-        spread = (f"{_fmt(r['mean'])} ± {_fmt(r['std'])} | [{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}]" if r["n"] > 1
-                  else f"{_fmt(r['mean'])} | n/a")
-        verdict = r["verdict"] if r["n"] > 1 or r["verdict"] == "baseline" else "tie (one seed: untested)"
-        lines.append(f"| {i} | {r['group']} | {r['n']} | {spread} | {_fmt(r['diff'], '+.4f')} | "
-                     f"{_fmt(r['p'], '.3g')} | {_fmt(r['p_adj'], '.3g')} | {verdict} |")
+              f"{adjusted}: the seeds do not support ranking them.", "", *ranking_table(rows, metric)]
     lines += ["", "## Cost and other metrics", "",
               "Mean over seeds. FLOPs of one forward pass per image; train img/s over the whole training; inference "
               "ms per evaluation batch (the run's `eval_batch_size`).", "",
