@@ -37,6 +37,14 @@ def test_overrides_nest_and_parse_types():
     (["data.name=fashion_mnist"], ["data.name", "'fashion_mnist'", "fashion-mnist"]),
     (["data.options.colour=1"], ["data.options", "'colour'", "download"]),
     (["data.name=imagefolder", "data.options.img_sise=32"], ["'img_sise'", "img_size", "classes"]),
+    # and the values of sources whose options can be checked without reading data
+    (["data.name=imagefolder", "data.options.intensity=median"], ["data.options", "intensity='median'", "percentile"]),
+    (["data.name=volumes", "data.options.size=5"], ["volumes option size=5", "three positive ints"]),
+    (["data.name=mricron-brain", "data.options.patch=5"], ["mricron-brain option patch=5"]),
+    (["data.name=synthetic", "data.options.img_size=2.5"], ["synthetic option img_size=2.5"]),
+    (["data.name=synthetic", "data.options.n_train=true"], ["synthetic option n_train=True"]),
+    (["data.name=cifar100", "data.options.labels=medium"], ["cifar100 option labels='medium'", "coarse"]),
+    (["data.name=imagefolder", "data.options.classes=/nonexistent/list.txt"], ["classes='/nonexistent/list.txt'"]),
     # timm models: the model name and the vitlab q/k PE and kernel put inside them
     (["model.name=timm:resnet1800"], ["model.name", "'resnet1800'", "timm.list_models"]),
     (["model.name=timm:deit_tiny_patch16_224", "model.qk_pe=ropee"], ["model.qk_pe", "'ropee'", "rope_axial"]),

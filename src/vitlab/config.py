@@ -233,10 +233,15 @@ def _check_names(key: str, registry, name, options_key: str, options) -> None:
 def _check_data_source(data: DataSection) -> None:
     """The data source and its option names, checked with the rest of the config rather than when the
     data loads: `vitlab validate` and a comparison's up-front check then refuse them before any run
-    (or cluster job) starts. The options' values are checked by the source when it loads."""
+    (or cluster job) starts. So are the options' values, where the source has a check that reads no
+    data (``DATASETS.register(..., check=...)``)."""
     from .data import DATASETS
 
     _check_names("data.name", DATASETS, data.name, "data.options", data.options)
+    try:
+        DATASETS.check_values(data.name, data.source_options())
+    except ValueError as err:
+        raise ValueError(f"data.options: {err}") from None
 
 
 def _check_timm(model: dict) -> None:

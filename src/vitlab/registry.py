@@ -16,12 +16,17 @@ class Registry(Generic[T]):
         self.fixed = tuple(fixed)
         self._items: Dict[str, T] = {}
         self._docs: Dict[str, str] = {}
+        self._checks: Dict[str, Callable[..., Any]] = {}
 
-    def register(self, name: str, doc: str = "") -> Callable[[T], T]:
+    def register(self, name: str, doc: str = "", check: Optional[Callable[..., Any]] = None) -> Callable[[T], T]:
+        """``check``: called with every user option (defaults filled in) to check their values without
+        building anything (see :meth:`check_values`); the factory should call it too."""
         def deco(obj: T) -> T:
             if name in self._items:
                 raise KeyError(f"{self.kind} {name!r} is registered twice")
             self._items[name] = obj
+            if check is not None:
+                self._checks[name] = check
             lines = (getattr(obj, "__doc__", None) or "").strip().splitlines()
             self._docs[name] = doc or (lines[0] if lines else "")
             return obj
@@ -46,6 +51,14 @@ class Registry(Generic[T]):
         if unknown:
             raise ValueError(f"{self.kind} {name!r} does not take option(s) {unknown}; "
                              f"valid: {accepted or 'none'}")
+
+    def check_values(self, name: str, options: Optional[dict]) -> None:
+        """The option names, then their values through the entry's ``check`` if it has one: what can be
+        refused before anything is built or read (a config's validation)."""
+        self.check_options(name, options)
+        check = self._checks.get(name)
+        if check is not None:
+            check(**{**self.options(name), **(options or {})})
 
     def options(self, name: str) -> dict:
         """The user options of ``name`` with their defaults (for ``vitlab list``)."""

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -11,6 +11,17 @@ from ..registry import Registry
 # Every source is ``factory(root, seed, *, options...) -> DataBundle``; ``root`` (the user's path or
 # None) and ``seed`` come from ``load_dataset``, the keyword-only options from the user.
 DATASETS: Registry = Registry("dataset", fixed=("root", "seed"))
+
+
+def int_sizes(value, lengths: Tuple[int, ...], low: int = 1, square: bool = False) -> Optional[Tuple[int, ...]]:
+    """``value`` as a tuple of ints >= ``low`` of one of ``lengths``, or None when it is not one
+    (the caller names the option in its error). ``square``: a single int means (value, value)."""
+    if square and isinstance(value, int) and not isinstance(value, bool):
+        value = (value, value)
+    if (not isinstance(value, (list, tuple)) or len(value) not in lengths
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v >= low for v in value)):
+        return None
+    return tuple(value)
 
 
 @dataclass

@@ -78,10 +78,14 @@ def cifar10(root: Optional[str], seed: int, *, download: bool = False) -> DataBu
     return load_cifar("cifar10", root, "fine", download)
 
 
-@DATASETS.register("cifar100", "CIFAR-100: python pickle batches, 50000 train / 10000 test, 3x32x32, "
-                               "100 fine (or 20 coarse) classes")
-def cifar100(root: Optional[str], seed: int, *, labels: str = "fine", download: bool = False) -> DataBundle:
-    """Option ``labels``: ``fine`` (100 classes, default) or ``coarse`` (20 superclasses)."""
+def check_cifar100_options(*, labels, download) -> None:
     if labels not in ("fine", "coarse"):
         raise ValueError(f"cifar100 option labels={labels!r}; valid: 'fine', 'coarse'")
+
+
+@DATASETS.register("cifar100", "CIFAR-100: python pickle batches, 50000 train / 10000 test, 3x32x32, "
+                               "100 fine (or 20 coarse) classes", check=check_cifar100_options)
+def cifar100(root: Optional[str], seed: int, *, labels: str = "fine", download: bool = False) -> DataBundle:
+    """Option ``labels``: ``fine`` (100 classes, default) or ``coarse`` (20 superclasses)."""
+    check_cifar100_options(labels=labels, download=download)
     return load_cifar("cifar100", root, labels, download)

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .base import DATASETS, ArrayDataset, DataBundle, FileDataset
+from .base import DATASETS, ArrayDataset, DataBundle, FileDataset, int_sizes
 from .folders import check_same_classes, class_files, class_list, split_folders
 from .intensity import Intensity, check_intensity, to_unit
 from .locate import find_root, register_place
@@ -29,8 +29,8 @@ register_place("imagefolder", _probe,
 def _size(img_size) -> Optional[Tuple[int, int]]:
     if img_size is None:
         return None
-    size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
-    if len(size) != 2 or not all(isinstance(s, int) and s > 0 for s in size):
+    size = int_sizes(img_size, (2,), square=True)
+    if size is None:
         raise ValueError(f"imagefolder option img_size={img_size!r}; expected a positive int or (H, W), or None "
                          f"to keep the files' own (equal) size")
     return size
@@ -130,8 +130,28 @@ def _list_tree(tree: Path, files: Dict[str, List[Path]], channels: int, size, re
                        "imagefolder", reader, tuple(reader(found[0][1]).shape))
 
 
+def check_options(*, img_size, channels, on_bad_image, stream, classes, resize, intensity):
+    """The imagefolder options' values, checked before any image is read (a ``classes`` list file is
+    read): one-line ValueErrors. Returns (size, the class subset or None, intensity)."""
+    if stream and img_size is None:
+        raise ValueError("imagefolder option stream=true needs img_size (streamed batches need one size)")
+    size = _size(img_size)
+    if resize is not None:
+        if img_size is None:
+            raise ValueError(f"imagefolder option resize={resize!r} needs img_size (the size of the centre crop)")
+        if isinstance(resize, bool) or not isinstance(resize, int) or resize < max(size):
+            raise ValueError(f"imagefolder option resize={resize!r}; expected an int >= the largest side of "
+                             f"img_size={img_size!r} (the shorter side is resized to it, then cropped)")
+    wanted = class_list(classes, "imagefolder") if classes is not None else None
+    if channels not in (1, 3):
+        raise ValueError(f"imagefolder option channels={channels!r}; valid: 1, 3")
+    if on_bad_image not in ("skip", "fail"):
+        raise ValueError(f"imagefolder option on_bad_image={on_bad_image!r}; valid: 'skip', 'fail'")
+    return size, wanted, check_intensity(intensity, "imagefolder")
+
+
 @DATASETS.register("imagefolder", "image tree, one folder per class (optionally Training/ + Testing/), any "
-                                  "format Pillow reads, resized to img_size")
+                                  "format Pillow reads, resized to img_size", check=check_options)
 def imagefolder(root: Optional[str], seed: int, *, img_size: Union[int, Tuple[int, int], None] = 224,
                 channels: int = 3, on_bad_image: str = "skip", stream: bool = False,
                 classes: Union[None, str, List[str]] = None, resize: Optional[int] = None,
@@ -146,21 +166,8 @@ def imagefolder(root: Optional[str], seed: int, *, img_size: Union[int, Tuple[in
     every image squeezed to ``img_size``), ``intensity`` (how the files' values become 0..255:
     ``auto``, ``minmax``, ``percentile`` or a fixed ``[low, high]`` window; see
     :mod:`vitlab.data.intensity`)."""
-    if stream and img_size is None:
-        raise ValueError("imagefolder option stream=true needs img_size (streamed batches need one size)")
-    if resize is not None:
-        if img_size is None:
-            raise ValueError(f"imagefolder option resize={resize!r} needs img_size (the size of the centre crop)")
-        if isinstance(resize, bool) or not isinstance(resize, int) or resize < max(_size(img_size)):
-            raise ValueError(f"imagefolder option resize={resize!r}; expected an int >= the largest side of "
-                             f"img_size={img_size!r} (the shorter side is resized to it, then cropped)")
-    wanted = class_list(classes, "imagefolder") if classes is not None else None
-    intensity = check_intensity(intensity, "imagefolder")
-    if channels not in (1, 3):
-        raise ValueError(f"imagefolder option channels={channels!r}; valid: 1, 3")
-    if on_bad_image not in ("skip", "fail"):
-        raise ValueError(f"imagefolder option on_bad_image={on_bad_image!r}; valid: 'skip', 'fail'")
-    size = _size(img_size)
+    size, wanted, intensity = check_options(img_size=img_size, channels=channels, on_bad_image=on_bad_image,
+                                            stream=stream, classes=classes, resize=resize, intensity=intensity)
     folder = find_root("imagefolder", root)
     train_dir, test_dir = split_folders(folder)
     train_files = class_files(train_dir, "imagefolder", only=wanted)

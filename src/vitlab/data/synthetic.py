@@ -7,7 +7,7 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-from .base import DATASETS, ArrayDataset, DataBundle
+from .base import DATASETS, ArrayDataset, DataBundle, int_sizes
 
 # Shape constants in normalised coordinates ([-1, 1] across the image): the bar's centre sits on a
 # ring of radius 0.4 (inside the image for any angle), its Gaussian cross-section has sigma 0.12
@@ -56,19 +56,27 @@ def render(labels: torch.Tensor, size: Tuple[int, ...], channels: int, num_class
     return (img.clamp(0, 1) * 255).round().to(torch.uint8).reshape(n, channels, *size)
 
 
-@DATASETS.register("synthetic", "seeded class-dependent bars (position + orientation) in noise, 2D or 3D, for tests")
+def check_options(*, num_classes, img_size, channels, n_train, n_test) -> Tuple[int, ...]:
+    """The synthetic options' values (one-line ValueErrors); returns the image size as a tuple."""
+    size = int_sizes(img_size, (2, 3), low=4, square=True)
+    if size is None:
+        raise ValueError(f"synthetic option img_size={img_size!r}; expected an int >= 4, (H, W) or (H, W, D)")
+    for key, value, low in (("num_classes", num_classes, 2), ("channels", channels, 1),
+                            ("n_train", n_train, 1), ("n_test", n_test, 0)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ValueError(f"synthetic option {key}={value!r}; expected an int >= {low}")
+    return size
+
+
+@DATASETS.register("synthetic", "seeded class-dependent bars (position + orientation) in noise, 2D or 3D, for tests",
+                   check=check_options)
 def synthetic(root: Optional[str], seed: int, *, num_classes: int = 4,
               img_size: Union[int, Tuple[int, ...]] = 16, channels: int = 1, n_train: int = 512,
               n_test: int = 128) -> DataBundle:
     """Options: ``num_classes``, ``img_size`` (int, (H, W), or (H, W, D) for volumes), ``channels``,
     ``n_train``, ``n_test``. ``load_dataset``'s ``seed`` fixes every pixel. Classes are balanced."""
-    size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
-    if len(size) not in (2, 3) or not all(isinstance(s, int) and s >= 4 for s in size):
-        raise ValueError(f"synthetic option img_size={img_size!r}; expected an int >= 4, (H, W) or (H, W, D)")
-    for key, value, low in (("num_classes", num_classes, 2), ("channels", channels, 1),
-                            ("n_train", n_train, 1), ("n_test", n_test, 0)):
-        if not isinstance(value, int) or value < low:
-            raise ValueError(f"synthetic option {key}={value!r}; expected an int >= {low}")
+    size = check_options(num_classes=num_classes, img_size=img_size, channels=channels, n_train=n_train,
+                         n_test=n_test)
     gen = torch.Generator().manual_seed(int(seed))
     classes = [f"class{k}" for k in range(num_classes)]
     parts = []

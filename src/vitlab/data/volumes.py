@@ -8,7 +8,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .base import DATASETS, ArrayDataset, DataBundle
+from .base import DATASETS, ArrayDataset, DataBundle, int_sizes
 from .folders import check_same_classes, class_files, split_folders
 from .intensity import Intensity, check_intensity, to_unit
 from .locate import find_root, register_place
@@ -80,17 +80,23 @@ register_place("volumes", lambda p: p if p.is_dir() else None,
                in_data_root=False)
 
 
+def check_volume_options(*, size, intensity):
+    """The volumes options' values (one-line ValueErrors); returns (size as a tuple or None, intensity)."""
+    sizes = None if size is None else int_sizes(size, (3,))
+    if size is not None and sizes is None:
+        raise ValueError(f"volumes option size={size!r}; expected three positive ints (H, W, D) or None")
+    return sizes, check_intensity(intensity, "volumes")
+
+
 @DATASETS.register("volumes", "3D volumes: class folders of .npy (H, W, D)/(C, H, W, D) or NIfTI files, "
-                              "scaled to uint8 (min-max, percentile or a fixed window)")
+                              "scaled to uint8 (min-max, percentile or a fixed window)", check=check_volume_options)
 def volumes(root: Optional[str], seed: int, *, size: Optional[Tuple[int, int, int]] = None,
             intensity: Intensity = "auto") -> DataBundle:
     """Options: ``size``, (H, W, D) to resize every volume (trilinear), or None to keep the files'
     size, which must then agree; ``intensity``, how a volume's values become 0..255: ``auto`` (=
     ``minmax``, per volume), ``percentile`` (0.5th-99.5th, per volume) or a fixed ``[low, high]``
     window in the files' units, e.g. Hounsfield units for CT (:mod:`vitlab.data.intensity`)."""
-    if size is not None and (len(size) != 3 or not all(isinstance(s, int) and s > 0 for s in size)):
-        raise ValueError(f"volumes option size={size!r}; expected three positive ints (H, W, D) or None")
-    intensity = check_intensity(intensity, "volumes")
+    size, intensity = check_volume_options(size=size, intensity=intensity)
     folder = find_root("volumes", root)
     train_dir, test_dir = split_folders(folder)
     train_files = class_files(train_dir, "volumes")
@@ -154,8 +160,18 @@ register_place("mricron-brain", _probe_mricron, system=("/usr/share/mricron/temp
                    "ch2.nii.gz, aal.nii.gz and aal.nii.txt), and `pip install nibabel`")
 
 
+def check_mricron_options(*, patch, per_class) -> Tuple[int, int, int]:
+    """The mricron-brain options' values (one-line ValueErrors); returns the patch size as a tuple."""
+    size = int_sizes(patch, (3,))
+    if size is None:
+        raise ValueError(f"mricron-brain option patch={patch!r}; expected three positive ints")
+    if not (isinstance(per_class, int) and not isinstance(per_class, bool) and per_class > 0):
+        raise ValueError(f"mricron-brain option per_class={per_class!r}; expected a positive int")
+    return size
+
+
 @DATASETS.register("mricron-brain", "3D T1 patches (Colin27 ch2 template, Debian mricron-data) labelled by AAL "
-                                    "lobe: 7 classes")
+                                    "lobe: 7 classes", check=check_mricron_options)
 def mricron_brain(root: Optional[str], seed: int, *, patch: Tuple[int, int, int] = (16, 16, 16),
                   per_class: int = 200) -> DataBundle:
     """Patches of ``patch`` voxels (1 mm) cut from the ch2 T1 template around ``per_class`` centres per
@@ -163,10 +179,7 @@ def mricron_brain(root: Optional[str], seed: int, *, patch: Tuple[int, int, int]
     ``AAL_GROUPS``); the label is the group at the centre. Intensities: the template min-max scaled
     to uint8. No official test split; note that nearby patches overlap, so a random split shares
     voxels between train and test (spatial leakage): compare methods on the same split."""
-    if len(patch) != 3 or not all(isinstance(p, int) and p > 0 for p in patch):
-        raise ValueError(f"mricron-brain option patch={patch!r}; expected three positive ints")
-    if not (isinstance(per_class, int) and per_class > 0):
-        raise ValueError(f"mricron-brain option per_class={per_class!r}; expected a positive int")
+    patch = check_mricron_options(patch=patch, per_class=per_class)
     nib = _nibabel()
     folder = find_root("mricron-brain", root)
     t1 = np.asanyarray(nib.load(str(folder / "ch2.nii.gz")).dataobj)
