@@ -220,10 +220,10 @@ def load_config(source: Optional[str] = None, overrides: Optional[List[str]] = N
 
 
 def _check_names(key: str, registry, name, options_key: str, options) -> None:
-    """``name`` registered (else a one-line ValueError led by ``key``) and taking every one of
-    ``options`` (else one led by ``options_key``)."""
+    """``name`` registered (else a one-line ValueError led by ``key``), taking every one of
+    ``options`` and, where the entry has a check, with valid values (else one led by ``options_key``)."""
     for where, check in ((key, lambda: registry.get(name)),
-                         (options_key, lambda: registry.check_options(name, options))):
+                         (options_key, lambda: registry.check_values(name, options))):
         try:
             check()
         except ValueError as err:
@@ -237,11 +237,8 @@ def _check_data_source(data: DataSection) -> None:
     data (``DATASETS.register(..., check=...)``)."""
     from .data import DATASETS
 
-    _check_names("data.name", DATASETS, data.name, "data.options", data.options)
-    try:
-        DATASETS.check_values(data.name, data.source_options())
-    except ValueError as err:
-        raise ValueError(f"data.options: {err}") from None
+    options = data.source_options() if data.name in DATASETS else data.options  # an unknown name fails first
+    _check_names("data.name", DATASETS, data.name, "data.options", options)
 
 
 def _check_timm(model: dict) -> None:

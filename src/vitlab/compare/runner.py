@@ -58,14 +58,14 @@ def _manifest(exp: Experiment, specs: List[RunSpec], extra: Optional[List[str]])
             "runs": [{"name": s.name, "arm": s.arm, "point": s.point, "seed": s.seed} for s in specs]}
 
 
-def _check_same_experiment(out: Path, exp: Experiment, specs: List[RunSpec], manifest: dict) -> None:
+def _check_same_experiment(out: Path, specs: List[RunSpec], manifest: dict) -> None:
     """A comparison directory already there must hold this experiment: the same runs, and each run's
     saved config the one this experiment asks for (so a finished run is never reused for another)."""
     previous = out / "experiment.json"
     if not previous.is_file():
         return
     old = json.loads(previous.read_text())
-    if {r["name"] for r in old["runs"]} != {r["name"] for r in manifest["runs"]} or old["base"] != exp.base:
+    if {r["name"] for r in old["runs"]} != {r["name"] for r in manifest["runs"]} or old["base"] != manifest["base"]:
         raise ValueError(f"{out} holds another experiment (different arms, seeds or base); use another --out")
     for spec in specs:
         saved = out / "configs" / f"{spec.name}.yaml"
@@ -92,6 +92,28 @@ def _check_data(spec: RunSpec, launcher: str, log: Callable[[str], None]) -> Non
         log(f"warning: {err} (from this host; the Slurm jobs look again where they run)")
 
 
+def _prepare(exp: Experiment, out: Path, extra: Optional[List[str]], launcher: str,
+             cluster: Optional["ClusterOptions"], wait: bool, log: Callable[[str], None]):
+    """What every call checks before it writes anything: the launcher, every run's config, an earlier
+    comparison in ``out``, the data. Returns (cluster options, run specs, manifest)."""
+    cluster = check_launcher(launcher, cluster, wait)
+    specs = exp.runs(extra)
+    manifest = _manifest(exp, specs, extra)
+    _check_same_experiment(out, specs, manifest)
+    _check_data(specs[0], launcher, log)
+    return cluster, specs, manifest
+
+
+def _action(name: str, state: str, in_flight: Dict[str, dict], retry_failed: bool) -> str:
+    """What a call does with a run: ``run``, ``resume``, ``skip`` (finished; failed or diverged unless
+    ``retry_failed``) or ``in flight`` (a job of an earlier call, still queued or running)."""
+    if name in in_flight:
+        return "in flight"
+    if state == "finished" or (state in ("failed", "diverged") and not retry_failed):
+        return "skip"
+    return "resume" if state == "partial" else "run"
+
+
 def plan_compare(exp: Experiment, out: Path, *, extra: Optional[List[str]] = None, retry_failed: bool = False,
                  launcher: str = "local", cluster: Optional["ClusterOptions"] = None, wait: bool = True,
                  log: Callable[[str], None] = print) -> List[dict]:
@@ -99,23 +121,14 @@ def plan_compare(exp: Experiment, out: Path, *, extra: Optional[List[str]] = Non
     comparison already in ``out``, the data) but without training, submitting or writing anything: one dict
     per run with its name, arm, grid point, seed, state (:func:`run_state`) and action (``run``,
     ``resume``, ``skip``; ``in flight`` for a job an earlier call submitted)."""
-    check_launcher(launcher, cluster, wait)
-    specs = exp.runs(extra)
     out = Path(out)
-    _check_same_experiment(out, exp, specs, _manifest(exp, specs, extra))
-    _check_data(specs[0], launcher, log)
+    _, specs, _ = _prepare(exp, out, extra, launcher, cluster, wait, log)
     in_flight = _in_flight(out)
     plan = []
     for spec in specs:
         state = run_state(out / "runs" / spec.name)
-        if spec.name in in_flight:
-            action = "in flight"
-        elif state == "finished" or (state in ("failed", "diverged") and not retry_failed):
-            action = "skip"
-        else:
-            action = "resume" if state == "partial" else "run"
         plan.append({"name": spec.name, "arm": spec.arm, "point": spec.point, "seed": spec.seed, "state": state,
-                     "action": action})
+                     "action": _action(spec.name, state, in_flight, retry_failed)})
     return plan
 
 
@@ -134,15 +147,11 @@ def run_compare(exp: Experiment, out: Path, *, extra: Optional[List[str]] = None
     ``procs``: processes per run (data-parallel under torchrun); default 1, or with a job launcher
     the run's GPUs (``cluster.gpus_per_run``). The local launcher gives each run it runs at once
     GPUs of its own (``CUDA_VISIBLE_DEVICES``, ``procs`` each) when this machine has several."""
-    cluster = check_launcher(launcher, cluster, wait)  # before anything is written
+    out = Path(out)
+    cluster, specs, manifest = _prepare(exp, out, extra, launcher, cluster, wait, log)  # before anything is written
     if procs is not None and procs < 1:
         raise ValueError(f"procs-per-run={procs}; must be >= 1")
     procs = procs or (cluster.gpus_per_run if launcher != "local" and (cluster.gpus_per_run or 0) > 1 else 1)
-    specs = exp.runs(extra)
-    out = Path(out)
-    manifest = _manifest(exp, specs, extra)
-    _check_same_experiment(out, exp, specs, manifest)
-    _check_data(specs[0], launcher, log)
     rundir.make_dir(out / "runs")
     rundir.make_dir(out / "configs")
     rundir.write_json(out / "experiment.json", manifest)
@@ -160,11 +169,8 @@ def run_compare(exp: Experiment, out: Path, *, extra: Optional[List[str]] = None
         threads = max(1, (os.cpu_count() or 1) // at_once) if at_once > 1 else 0
     todo = []
     for spec in specs:
-        if spec.name in in_flight:
-            continue
         run = out / "runs" / spec.name
-        state = run_state(run)
-        if state == "finished" or (state in ("failed", "diverged") and not retry_failed):
+        if _action(spec.name, run_state(run), in_flight, retry_failed) not in ("run", "resume"):
             continue
         cfg_file = out / "configs" / f"{spec.name}.yaml"
         rundir.atomic_write_text(cfg_file, dump_yaml(spec.config))
