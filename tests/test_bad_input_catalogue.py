@@ -297,6 +297,31 @@ def no_checkpoint(ctx: Ctx) -> None:
     (run / "status.json").write_text(json.dumps({"status": "interrupted", "reason": "signal 15"}))
 
 
+def interrupted_run(ctx: Ctx) -> None:
+    """A run stopped by SIGTERM: a checkpoint to resume from, no final.json."""
+    interrupted_run_files(ctx.run())
+
+
+def foreign_checkpoint(name: str, content: Callable[[dict], object]) -> Callable[[Ctx], None]:
+    """The run's checkpoint ``name`` replaced by ``content(its state)``: a file torch loads, not vitlab's."""
+    def setup(ctx: Ctx) -> None:
+        run = ctx.run()
+        path = run / "checkpoints" / name
+        torch.save(content(torch.load(path, weights_only=True)), path)
+        if name == "last.pt":
+            interrupted_run_files(run)
+    return setup
+
+
+def interrupted_run_files(run: Path) -> None:
+    (run / "final.json").unlink()
+    (run / "status.json").write_text(json.dumps({"status": "interrupted", "reason": "signal 15"}))
+
+
+def single_class(ctx: Ctx) -> None:
+    image_tree(ctx.tmp / "images", per_class=(12,))
+
+
 def broken_run_config(ctx: Ctx) -> None:
     run = ctx.run()
     (run / "checkpoints" / "last.pt").write_bytes((run / "checkpoints" / "best.pt").read_bytes())
@@ -425,6 +450,34 @@ CATALOGUE = [
          "patch_size=(4, 4)", "(16, 16, 16)"),
     case("images-for-3d-pe", nothing, train("model.token_pe=learned3d"), "learned3d", "3D"),
     case("too-few-images-to-split", nothing, train("data.options.n_train=3"), "too little data", "validation"),
+    case("single-class-folder", single_class, train(*IMAGEFOLDER), "{tmp}/images", "only class 'class0'",
+         "at least 2"),
+    case("accum-steps-beyond-the-data", nothing, train("train.accum_steps=1000"), "train.accum_steps=1000",
+         "training split has"),
+    case("rope-theta-zero", nothing, train("model.qk_pe=rope_axial", "model.qk_pe_kwargs.theta=0"), "theta", "> 1"),
+    case("sincos-base-negative", nothing, train("model.token_pe=sincos", "model.token_pe_kwargs.base=-1"), "sincos base",
+         "-1"),
+    case("reflections-beyond-head-dim", nothing,
+         train("model.qk_pe=string_reflection", "model.qk_pe_kwargs.reflections=100000000"), "reflections",
+         "head_dim = 16"),
+    case("min-lr-above-lr", nothing, train("train.min_lr=1"), "train.min_lr=1.0", "train.lr"),
+    case("affine-scale-reversed", nothing, train("data.affine_scale=[2, 1]"), "data.affine_scale", "low <= high"),
+    case("resolution-not-whole-patches", nothing, train("eval.resolutions=[16, 18]"), "eval.resolutions [18]",
+         "patch height 4"),
+    case("resolution-negative", nothing, train("eval.resolutions=[-16]"), "eval.resolutions", "-16"),
+    case("seed-beyond-torch", nothing, train("train.seed=18446744073709551616"), "train.seed", "9223372036854775807"),
+    case("device-meta", nothing, train("train.device=meta"), "train.device", "'meta'"),
+    case("config-number-key", files(k__yaml="base: fashion-mnist-quick\n3: x\n"), ["train", "{tmp}/k.yaml"],
+         "config key 3", "text"),
+    case("config-nested-number-key", files(k__yaml="base: fashion-mnist-quick\nmodel: {qk_pe_kwargs: {1: 2}}\n"),
+         ["validate", "{tmp}/k.yaml"], "model.qk_pe_kwargs.1", "text"),
+    case("config-duplicate-key", files(k__yaml="base: fashion-mnist-quick\ntrain: {lr: 0.5}\ntrain: {epochs: 1}\n"),
+         ["validate", "{tmp}/k.yaml"], "{tmp}/k.yaml", "'train' given twice"),
+    case("config-base-is-itself", lambda ctx: ctx.write("k.yaml", f"base: {ctx.tmp}/k.yaml\n") and None, ["validate", "{tmp}/k.yaml"], "{tmp}/k.yaml",
+         "leads back to itself"),
+    case("config-not-utf8", lambda ctx: (ctx.tmp / "k.yaml").write_bytes(b"base: fashion-mnist-quick\n\xff: 1\n")
+         and None, ["validate", "{tmp}/k.yaml"], "{tmp}/k.yaml", "UTF-8"),
+    case("config-is-a-directory", nothing, ["validate", "{tmp}"], "{tmp}", "directory"),
     case("nan-loss-diverges", nothing, train("train.lr=1e30", "train.clip_grad=null", "train.warmup_epochs=0"),
          "diverged", "not finite"),
     # --- the output directory
@@ -436,6 +489,8 @@ CATALOGUE = [
     case("out-full-while-writing-checkpoint", disk_full_while_writing_checkpoint, train(),
          "{tmp}/run/checkpoints/best.pt", "full"),
     case("out-holds-a-finished-run", lambda ctx: ctx.run() and None, train(), "{tmp}/run", "finished run"),
+    case("out-holds-an-interrupted-run", interrupted_run, train(), "{tmp}/run", "unfinished run (interrupted)",
+         "--resume"),
     # --- resume and eval of run directories
     case("resume-not-a-run", files(notes__txt="hello\n"), ["train", "--resume", "{tmp}"], "{tmp}", "config.yaml"),
     case("resume-without-checkpoint", no_checkpoint, ["train", "--resume", "{tmp}/run", "--quiet"],
@@ -444,6 +499,21 @@ CATALOGUE = [
          "{tmp}/run/checkpoints/last.pt", "truncated or corrupt"),
     case("resume-edited-config", broken_run_config, ["train", "--resume", "{tmp}/run", "--quiet"],
          "train.epochs", "-1"),
+    case("resume-with-a-config", interrupted_run, ["train", PRESET, "--resume", "{tmp}/run", "train.epochs=3"],
+         "--resume {tmp}/run", "`train.epochs=3`"),
+    case("resume-weights-only-checkpoint", foreign_checkpoint("last.pt", lambda s: {"model": s["model"]}),
+         ["train", "--resume", "{tmp}/run", "--quiet"], "{tmp}/run/checkpoints/last.pt", "not a vitlab checkpoint",
+         "'optimizer'"),
+    case("resume-tensor-checkpoint", foreign_checkpoint("last.pt", lambda s: torch.zeros(2)),
+         ["train", "--resume", "{tmp}/run", "--quiet"], "{tmp}/run/checkpoints/last.pt", "not a vitlab checkpoint"),
+    case("eval-foreign-checkpoint", foreign_checkpoint("best.pt", lambda s: {"foo": 1}), ["eval", "{tmp}/run"],
+         "{tmp}/run/checkpoints/best.pt", "'model'"),
+    case("eval-size-not-a-size", lambda ctx: ctx.run() and None, ["eval", "{tmp}/run", "model.img_size=16.5"],
+         "model.img_size", "16.5"),
+    case("eval-size-null", lambda ctx: ctx.run() and None, ["eval", "{tmp}/run", "model.img_size=null"],
+         "model.img_size", "None"),
+    case("bench-input-with-model-options", nothing, ["bench", "--input", PRESET, "--compile"], "--compile",
+         "--input"),
     case("eval-not-a-run", nothing, ["eval", "{tmp}"], "{tmp}", "not a vitlab run directory"),
     case("eval-code-executing-checkpoint", code_exec_checkpoint, ["eval", "{tmp}/run"], "refusing to load",
          "execute code"),
@@ -481,6 +551,9 @@ CATALOGUE = [
     case("compare-arm-sets-the-split", experiment(EXP.replace("{model.qk_pe: rope_axial}",
                                                               "{model.qk_pe: rope_axial, data.limit: 100}")),
          ["compare", "{tmp}/exp.yaml", "--out", "{tmp}/cmp"], "data.limit", "split"),
+    case("compare-arm-patch-does-not-fit-the-data",
+         experiment(EXP.replace("{model.qk_pe: rope_axial}", "{model.qk_pe: rope_axial, model.patch_size: 5}")),
+         ["compare", "{tmp}/exp.yaml", "--out", "{tmp}/cmp"], "rope_axial", "img_size=(16, 16)", "patch_size=(5, 5)"),
     case("compare-unknown-study", nothing, ["compare", "string-cifarr", "--out", "{tmp}/cmp"], "'string-cifarr'",
          "string-cifar-quick"),
     case("report-corrupt-manifest", files(experiment__json="{runs: "), ["report", "{tmp}"], "experiment.json",

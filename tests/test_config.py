@@ -88,4 +88,7 @@ def test_yaml_file_with_base(tmp_path):
         load_config(str(bad))
     with pytest.raises(FileNotFoundError):
         load_config(str(tmp_path / "missing.yaml"))
-    assert validate({}).data.name == "fashion-mnist"
+    assert validate({"model": {"patch_size": 4}}).data.name == "fashion-mnist"
+    # the data's real size is checked against the patch (Fashion-MNIST: 28 px), not a stand-in size
+    with pytest.raises(ValueError, match=r"img_size=\(28, 28\) is not divisible by patch_size=\(16, 16\)"):
+        validate({})

@@ -615,3 +615,30 @@ def test_imagefolder_stream_checks_files_and_decodes_on_demand(tmp_path):
         load_dataset("imagefolder", str(tmp_path), img_size=8, channels=1, stream=True, on_bad_image="fail")
     with pytest.raises(ValueError, match="stream=true needs img_size"):
         load_dataset("imagefolder", str(tmp_path), img_size=None, stream=True)
+
+
+def test_declared_item_size_is_what_the_source_loads(tmp_path):
+    """A source's ``size`` hook lets validate check the patch against the data without reading it:
+    it must agree with the items the source then loads, for every source that declares one."""
+    write_mnist(tmp_path / "mnist")
+    write_cifar(tmp_path / "cifar10")
+    write_cifar(tmp_path / "cifar100", hundred=True)
+    for c in range(2):
+        for i in range(2):
+            save_image(tmp_path / "tree" / f"c{c}" / f"{i}.png", np.full((20, 30), 40 * i + c, np.uint8))
+            (tmp_path / "vols" / f"c{c}").mkdir(parents=True, exist_ok=True)
+            np.save(tmp_path / "vols" / f"c{c}" / f"{i}.npy", np.random.default_rng(i).random((6, 8, 4)))
+    cases = [("mnist", "mnist", {}), ("fashion-mnist", "mnist", {}), ("cifar10", "cifar10", {}),
+             ("cifar100", "cifar100", {}), ("synthetic", None, {"img_size": [12, 20]}),
+             ("synthetic", None, {"img_size": [8, 8, 4], "n_train": 8, "n_test": 0}),
+             ("imagefolder", "tree", {"img_size": [16, 24]}), ("imagefolder", "tree", {"img_size": 16, "resize": 20}),
+             ("imagefolder", "tree", {"img_size": [16, 24], "stream": True}),
+             ("volumes", "vols", {"size": [4, 4, 8]})]
+    for name, folder, options in cases:
+        declared = DATASETS.item_size(name, options)
+        bundle = load_dataset(name, str(tmp_path / folder) if folder else None, **options)
+        assert declared == tuple(bundle.train.item_shape[1:]), (name, options)
+    # where only the files can tell, the hook says so
+    assert DATASETS.item_size("imagefolder", {"img_size": None}) is None
+    assert DATASETS.item_size("volumes", {}) is None
+    assert DATASETS.item_size("npz", {}) is None

@@ -101,6 +101,15 @@ def test_cli_train_eval_other_resolution_and_resume(tmp_path, capsys):
     assert main(["train", "fashion-mnist-quick", *SYN, "--out", str(out), "--quiet"]) == 2
     assert "already holds a finished run" in capsys.readouterr().err
     assert main(["train", "--resume", str(tmp_path / "nope")]) == 2
+    # nor an interrupted one: its checkpoint is what --resume continues from
+    (out / "final.json").unlink()
+    (out / "status.json").write_text(json.dumps({"status": "interrupted", "reason": "signal 15"}))
+    kept = {p: p.read_bytes() for p in (out / "checkpoints/last.pt", out / "config.yaml", out / "metrics.jsonl")}
+    assert main(["train", "fashion-mnist-quick", *SYN, "model.dim=64", "--out", str(out), "--quiet"]) == 2
+    assert "unfinished run (interrupted)" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in kept} == kept
+    assert main(["train", "fashion-mnist-quick", *SYN, "--out", str(out), "--quiet", "--force"]) == 0
+    assert json.loads((out / "status.json").read_text())["status"] == "finished"
 
 
 def test_recipe_parts():

@@ -82,6 +82,12 @@ def cmd_bench(args) -> int:
     if args.input or args.overrides:
         if not args.input:
             raise ValueError(f"overrides {args.overrides} need --input PRESET_OR_YAML (the input-pipeline bench)")
+        model_only = [flag for flag, given in (("--variants", args.variants), ("--compile", args.compile),
+                                               ("--device", args.device != "cpu"), ("--shape", args.shape != "string-cifar"),
+                                               ("--precision", args.precision != "auto")) if given]
+        if model_only:  # the input bench decodes and augments on this machine's CPU; it times no model
+            raise ValueError(f"{', '.join(model_only)}: options of the model bench, not of --input (the input "
+                             f"pipeline's bench takes --workers, --batch, --steps, --warmup)")
         try:
             workers = [int(w) for w in args.workers.split(",")] if args.workers else None
         except ValueError:
@@ -91,6 +97,8 @@ def cmd_bench(args) -> int:
         _save_bench(args.save, result, format_input_table(result))
         print(json.dumps(result, indent=2) if args.json else format_input_table(result))
         return 0
+    if args.workers:
+        raise ValueError("--workers is an option of the input-pipeline bench: give --input PRESET_OR_YAML too")
     variants = args.variants.split(",") if args.variants else None
     batch = 128 if args.batch is None else args.batch  # --batch 0 is an error, not the default
     result = run_bench(shape=args.shape, variants=variants, batch=batch, steps=args.steps,
@@ -145,6 +153,22 @@ def _default_out(cfg_source: str | None, cfg) -> Path:
     return Path("runs") / tag
 
 
+def _refuse_existing_run(out: Path) -> None:
+    """A new run must not overwrite a finished run, nor an unfinished one (its checkpoint is what
+    ``--resume`` continues from), unless ``--force`` says so."""
+    from . import rundir
+
+    if (out / "final.json").exists():
+        raise ValueError(f"{out} already holds a finished run; use --out elsewhere, --force, or --resume")
+    if (out / "config.yaml").exists() or (out / "checkpoints").exists():
+        try:
+            state = f" ({rundir.read_json(out / 'status.json')['status']})"
+        except (OSError, ValueError, AttributeError, KeyError, TypeError):
+            state = ""
+        raise ValueError(f"{out} holds an unfinished run{state.replace(' (finished)', '')}; use --resume {out} to continue it, --force "
+                         f"to start over, or another --out")
+
+
 def cmd_train(args) -> int:
     from . import rundir
     from .config import load_config, read_yaml, validate
@@ -152,6 +176,11 @@ def cmd_train(args) -> int:
 
     if args.resume:
         run_dir = Path(args.resume)
+        given = [f"`{x}`" for x in [args.config, *args.overrides] if x] + (["--out"] if args.out else []) \
+            + (["--force"] if args.force else [])
+        if given:  # silently training the stored config instead would look like the change took effect
+            raise ValueError(f"--resume {run_dir} continues that run with its own config.yaml; drop "
+                             f"{', '.join(given)} (to change the config, start a new run with --out)")
         if not (run_dir / "config.yaml").is_file():
             raise FileNotFoundError(f"--resume {run_dir}: no config.yaml there (not a vitlab run directory)")
         if not (run_dir / "checkpoints" / "last.pt").is_file():
@@ -167,8 +196,8 @@ def cmd_train(args) -> int:
             raise ValueError("give a preset or YAML file (see `vitlab train --help`), or --resume RUN_DIR")
         cfg = load_config(args.config, args.overrides)
         out = Path(args.out) if args.out else _default_out(args.config, cfg)
-        if (out / "final.json").exists() and not args.force:
-            raise ValueError(f"{out} already holds a finished run; use --out elsewhere, --force, or --resume")
+        if not args.force:
+            _refuse_existing_run(out)
         rundir.check_output_dir(out)  # before minutes of data loading
         try:
             final = train_run(cfg, out, progress=not args.quiet)
@@ -323,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=3e-4 model.qk_pe=rope_mixed")
     s.add_argument("--out", help="run directory (default runs/<preset>-<qk_pe>-s<seed>)")
     s.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
-    s.add_argument("--force", action="store_true", help="overwrite a finished run in --out")
+    s.add_argument("--force", action="store_true", help="overwrite a run (finished or not) in --out")
     s.add_argument("--quiet", action="store_true", help="no progress output")
     s.set_defaults(func=cmd_train)
 

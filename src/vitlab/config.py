@@ -10,15 +10,16 @@ from __future__ import annotations
 import copy
 from importlib import resources
 from pathlib import Path
-from typing import Any, Dict, List, Literal, Optional, Tuple, Union
+from typing import Annotated, Any, Dict, List, Literal, Optional, Tuple, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .models import SIZES, ModelConfig, make_config
 from .models.config import one_line_error
 
 PRESET_DIR = Path(str(resources.files("vitlab") / "configs"))
+MAX_SEED = 2**63 - 1  # torch.manual_seed's range (a larger one fails deep in a run)
 
 
 class DataSection(BaseModel):
@@ -29,7 +30,7 @@ class DataSection(BaseModel):
     root: Optional[str] = None
     limit: Optional[int] = Field(None, ge=1, description="use at most N training images, stratified")
     val_fraction: float = Field(0.1, gt=0, lt=1)
-    split_seed: int = Field(0, description="seed of the stratified split: the same for every arm and seed of a comparison")
+    split_seed: int = Field(0, ge=0, le=MAX_SEED, description="seed of the stratified split: the same for every arm and seed of a comparison")
     dedupe: bool = Field(False, description="drop perceptual-hash near-duplicates from the pool before splitting "
                          "(the official test set is kept whole); the leakage check runs either way")
     dedupe_threshold: int = Field(4, ge=0, le=16, description="near-duplicate: pHash Hamming distance <= this")
@@ -50,6 +51,13 @@ class DataSection(BaseModel):
     random_erasing: float = Field(0.0, ge=0, le=1, description="RandomErasing probability")
     repeated_aug: int = Field(1, ge=1, description="each image appears this many times per epoch, differently augmented")
 
+    @field_validator("affine_scale")
+    @classmethod
+    def _scale_range(cls, value):
+        low, high = value
+        if not 0 < low <= high:
+            raise ValueError("must be [low, high] with 0 < low <= high")
+        return value
 
     def source_options(self) -> Dict[str, Any]:
         """The options passed to the data source: ``options`` plus ``on_bad_image`` where the
@@ -76,7 +84,7 @@ class TrainSection(BaseModel):
     class_weighted: bool = False
     clip_grad: Optional[float] = Field(1.0, gt=0)
     accum_steps: int = Field(1, ge=1)
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     time_limit_min: Optional[float] = Field(None, gt=0)
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="bf16 = autocast; auto = bf16 on a CUDA device that supports it, fp32 elsewhere "
@@ -84,7 +92,8 @@ class TrainSection(BaseModel):
     compile: bool = False
     ema: Optional[float] = Field(None, gt=0, lt=1, description="EMA decay of the weights (None = off)")
     early_stop_patience: Optional[int] = Field(None, ge=1)
-    device: str = "auto"
+    device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$",
+                        description="auto (CUDA when there is one, else CPU), cpu, cuda, cuda:N or mps")
     threads: int = Field(0, ge=0, description="torch CPU threads (0 = torch's default)")
     checkpoint_every_min: float = Field(10.0, ge=0, description="also checkpoint mid-epoch this often "
                                         "(minutes; 0 = at epoch ends only); resume replays from there exactly")
@@ -97,7 +106,7 @@ class EvalSection(BaseModel):
     inputs of the comparison report's ROC curves, resolution-extrapolation curves and attention maps."""
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    resolutions: Union[Literal["auto"], List[int]] = Field(
+    resolutions: Union[Literal["auto"], List[Annotated[int, Field(ge=1)]]] = Field(
         "auto", description="image sizes (shorter side, px) to evaluate the trained model at: test images are "
         "resized, relative PEs read the new grid, learned tables are resized; 'auto' = 0.5x..1.5x the training "
         "size rounded to the patch (2D models); [] = off")
@@ -106,6 +115,13 @@ class EvalSection(BaseModel):
                                   "is saved in attention.npz (vit models; 0 = off)")
     predictions: bool = Field(True, description="save the test set's labels and class probabilities in "
                               "predictions.npz (ROC curves)")
+
+    @field_validator("resolutions")
+    @classmethod
+    def _unique(cls, value):
+        if isinstance(value, list) and len(set(value)) != len(value):
+            raise ValueError("lists a size twice")
+        return value
 
 
 MODEL_EXTRA = ("name", "size", "pretrained")
@@ -175,18 +191,39 @@ def presets() -> List[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping. PyYAML keeps the last silently (it has
+    no option for this), so `train:` written twice would drop every key of the first."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, (str, int, float, bool)):
+                continue  # unhashable keys: SafeLoader's own error follows
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} given twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_yaml_file(path: Path, what: str):
     """The parsed YAML of ``path`` ({} for an empty file); one-line errors for a missing file or bad YAML."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{what} file {path} is a directory; give a YAML file")
     if not path.is_file():
         raise FileNotFoundError(f"{what} file not found: {path}")
     try:
-        return yaml.safe_load(path.read_text()) or {}
+        with path.open(encoding="utf-8") as stream:  # a stream, so that YAML's messages name the file
+            return yaml.load(stream, Loader=_StrictLoader) or {}
     except yaml.YAMLError as err:
         raise ValueError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from None
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not a UTF-8 text file ({err.reason} at byte {err.start})") from None
 
 
-def read_yaml(source: str) -> dict:
+def read_yaml(source: str, _chain: Tuple[str, ...] = ()) -> dict:
     """A preset name (``fashion-mnist``, ``fashion-mnist-quick``) or a path to a YAML file."""
     if not isinstance(source, (str, Path)) or not str(source):  # e.g. `base: 3` or `base: [a]` in a YAML file
         raise ValueError(f"config {source!r} is not a preset name or a path; valid presets: {', '.join(presets())}")
@@ -200,12 +237,15 @@ def read_yaml(source: str) -> dict:
                 raise ValueError(f"{source!r} is a study (an experiment), not a run config preset: run it with "
                                  f"`vitlab compare {source}`, or check it with `vitlab compare {source} --dry-run`")
             raise ValueError(f"unknown preset {source!r}; valid: {', '.join(presets())} (or a path to a .yaml file)")
+    here = str(path.resolve())
+    if here in _chain:
+        raise ValueError(f"{path}: its chain of `base:` configs leads back to itself")
     data = load_yaml_file(path, "config")
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping with data/model/train sections, got {type(data).__name__}")
     base = data.pop("base", None)
     if base:  # a preset may extend another: `base: fashion-mnist`
-        data = deep_merge(read_yaml(base), data)
+        data = deep_merge(read_yaml(base, (*_chain, here)), data)
     return data
 
 
@@ -241,6 +281,13 @@ def _check_data_source(data: DataSection) -> None:
     _check_names("data.name", DATASETS, data.name, "data.options", options)
 
 
+def _data_size(data: DataSection) -> Optional[tuple]:
+    """The image size the data will have, where the source can tell without reading it (None else)."""
+    from .data import DATASETS
+
+    return DATASETS.item_size(data.name, data.source_options())
+
+
 def _check_timm(model: dict) -> None:
     """A ``timm:`` model's name, and the names and option names of the q/k PE and kernel vitlab puts
     in it (their values and shapes are checked when the model is built, once its sizes are known)."""
@@ -261,11 +308,41 @@ def _check_timm(model: dict) -> None:
         _check_names(f"model.{key}", registry, name, f"model.{key}_kwargs", options)
 
 
+def _check_keys(node, where: str = "") -> None:
+    """Every mapping key is text: YAML reads `3:` or `0.5:` as a number, which would otherwise fail
+    deep inside the validation with a TypeError."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if not isinstance(key, str):
+                raise ValueError(f"config key {where}{key!r} must be text (quote it in YAML: '{key}')")
+            _check_keys(value, f"{where}{key}.")
+
+
+def _check_resolutions(resolutions, patch) -> None:
+    """An explicit eval.resolutions list must be heights the model can take (whole patches, 2D):
+    otherwise each size fails only after training, recorded in final.json."""
+    if resolutions == "auto" or not resolutions:
+        return
+    if len(patch) != 2:
+        raise ValueError(f"eval.resolutions={resolutions}: resolution sweeps are for 2D models; use [] (or auto) "
+                         f"for volumes")
+    bad = [r for r in resolutions if r % patch[0]]
+    if bad:
+        raise ValueError(f"eval.resolutions {bad} not divisible by the patch height {patch[0]} "
+                         f"(model.patch_size={list(patch)})")
+
+
 def validate(raw: dict) -> RunConfig:
+    if not isinstance(raw, dict):
+        raise ValueError(f"a run config is a mapping with data/model/train/eval sections, got {type(raw).__name__}")
+    _check_keys(raw)
     try:
         cfg = RunConfig(**raw)
     except ValidationError as err:
         raise ValueError(f"invalid config: {one_line_error(err, RunConfig)}") from None
+    if cfg.train.min_lr > cfg.train.lr:
+        raise ValueError(f"train.min_lr={cfg.train.min_lr} is above train.lr={cfg.train.lr}: the schedule decays "
+                         f"from lr to min_lr")
     _check_data_source(cfg.data)
     name = cfg.model.get("name", "vit")
     if name == "vit":
@@ -274,18 +351,23 @@ def validate(raw: dict) -> RunConfig:
             raise ValueError(f"unknown key(s) {['model.' + k for k in unknown]}; valid: "
                              f"{', '.join('model.' + k for k in (*MODEL_EXTRA, *ModelConfig.model_fields))}")
         # image size, channels and classes come from the data when not given: check the rest now,
-        # with a stand-in image size that any patch size divides
+        # with the data's image size where its source knows it from the options (as training will
+        # use it), else a stand-in that any patch size divides
         size = cfg.model.get("size")
         preset = SIZES.get(size, {}) if isinstance(size, str) else {}  # make_config names a bad size
         derived = {"in_chans": 3, "num_classes": 10}
-        if "img_size" not in cfg.model and "img_size" not in preset:
+        data_size = None if "img_size" in cfg.model else _data_size(cfg.data)
+        if data_size is not None:
+            derived["img_size"] = data_size
+        elif "img_size" not in cfg.model and "img_size" not in preset:
             patch = cfg.model.get("patch_size", preset.get("patch_size", 16))
             if isinstance(patch, int):
                 derived["img_size"] = 4 * patch
             elif isinstance(patch, (list, tuple)) and all(isinstance(p, int) for p in patch):
                 derived["img_size"] = tuple(4 * p for p in patch)
             # else (null, text, ...): no stand-in; the model config names the bad patch_size
-        cfg.model_cfg(**derived)
+        mcfg = cfg.model_cfg(**derived)
+        _check_resolutions(cfg.eval.resolutions, mcfg.patch_size)
     elif str(name).startswith("timm:"):
         _check_timm(cfg.model)
     else:

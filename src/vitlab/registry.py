@@ -17,16 +17,22 @@ class Registry(Generic[T]):
         self._items: Dict[str, T] = {}
         self._docs: Dict[str, str] = {}
         self._checks: Dict[str, Callable[..., Any]] = {}
+        self._sizes: Dict[str, Callable[..., Any]] = {}
 
-    def register(self, name: str, doc: str = "", check: Optional[Callable[..., Any]] = None) -> Callable[[T], T]:
+    def register(self, name: str, doc: str = "", check: Optional[Callable[..., Any]] = None,
+                 size: Optional[Callable[..., Any]] = None) -> Callable[[T], T]:
         """``check``: called with every user option (defaults filled in) to check their values without
-        building anything (see :meth:`check_values`); the factory should call it too."""
+        building anything (see :meth:`check_values`); the factory should call it too. ``size`` (data
+        sources): called the same way, returns the items' spatial size (H, W[, D]), or None where only
+        the data can tell (see :meth:`item_size`)."""
         def deco(obj: T) -> T:
             if name in self._items:
                 raise KeyError(f"{self.kind} {name!r} is registered twice")
             self._items[name] = obj
             if check is not None:
                 self._checks[name] = check
+            if size is not None:
+                self._sizes[name] = size
             lines = (getattr(obj, "__doc__", None) or "").strip().splitlines()
             self._docs[name] = doc or (lines[0] if lines else "")
             return obj
@@ -59,6 +65,11 @@ class Registry(Generic[T]):
         check = self._checks.get(name)
         if check is not None:
             check(**{**self.options(name), **(options or {})})
+
+    def item_size(self, name: str, options: Optional[dict]) -> Optional[tuple]:
+        """The spatial size of what ``name`` yields with ``options``, known without reading data, or None."""
+        size = self._sizes.get(name)
+        return None if size is None else size(**{**self.options(name), **(options or {})})
 
     def options(self, name: str) -> dict:
         """The user options of ``name`` with their defaults (for ``vitlab list``)."""

@@ -16,7 +16,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import Any, BinaryIO, Callable, Tuple
 
 import torch
 
@@ -141,10 +141,11 @@ def save_checkpoint(path: Path, state: dict) -> None:
     _atomic_write(path, lambda f: torch.save(state, f), failures=(OSError, RuntimeError))
 
 
-def load_checkpoint(path: Path) -> dict:
-    """Load with ``weights_only=True``: a checkpoint that would execute code is refused."""
+def load_checkpoint(path: Path, need: Tuple[str, ...] = ("model",)) -> dict:
+    """Load with ``weights_only=True``: a checkpoint that would execute code is refused; so is one
+    without the entries ``need`` (another program's file, or a bare tensor)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise FileNotFoundError(f"checkpoint not found: {path}") from None
     except pickle.UnpicklingError as err:  # weights_only refused a global: loading it would run code
@@ -156,6 +157,10 @@ def load_checkpoint(path: Path) -> dict:
     except Exception as err:  # truncated or corrupt zip archive
         raise ValueError(f"cannot load checkpoint {path}: truncated or corrupt "
                          f"({' '.join(str(err).split())[:200]})") from None
+    missing = [k for k in need if k not in state] if isinstance(state, dict) else list(need)
+    if missing:
+        raise ValueError(f"{path} is not a vitlab checkpoint (no {', '.join(repr(k) for k in missing)} in it)")
+    return state
 
 
 def set_status(run_dir: Path, status: str, reason: str = "") -> None:

@@ -73,7 +73,8 @@ def load_cifar(name: str, root: Optional[str], label_type: str, download: bool) 
     return DataBundle(train, test, str(folder))
 
 
-@DATASETS.register("cifar10", "CIFAR-10: python pickle batches, 50000 train / 10000 test, 3x32x32, 10 classes")
+@DATASETS.register("cifar10", "CIFAR-10: python pickle batches, 50000 train / 10000 test, 3x32x32, 10 classes",
+                   size=lambda **_: (32, 32))
 def cifar10(root: Optional[str], seed: int, *, download: bool = False) -> DataBundle:
     return load_cifar("cifar10", root, "fine", download)
 
@@ -84,7 +85,8 @@ def check_cifar100_options(*, labels, download) -> None:
 
 
 @DATASETS.register("cifar100", "CIFAR-100: python pickle batches, 50000 train / 10000 test, 3x32x32, "
-                               "100 fine (or 20 coarse) classes", check=check_cifar100_options)
+                               "100 fine (or 20 coarse) classes", check=check_cifar100_options,
+                   size=lambda **_: (32, 32))
 def cifar100(root: Optional[str], seed: int, *, labels: str = "fine", download: bool = False) -> DataBundle:
     """Option ``labels``: ``fine`` (100 classes, default) or ``coarse`` (20 superclasses)."""
     check_cifar100_options(labels=labels, download=download)

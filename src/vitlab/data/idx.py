@@ -104,12 +104,13 @@ def load_idx_dataset(name: str, root: Optional[str], classes, download: bool) ->
     return DataBundle(_split(folder, "train", name, classes), _split(folder, "test", name, classes), str(folder))
 
 
-@DATASETS.register("mnist", "MNIST digits: IDX files (gz or raw), 60000 train / 10000 test, 1x28x28")
+@DATASETS.register("mnist", "MNIST digits: IDX files (gz or raw), 60000 train / 10000 test, 1x28x28",
+                   size=lambda **_: (28, 28))
 def mnist(root: Optional[str], seed: int, *, download: bool = False) -> DataBundle:
     return load_idx_dataset("mnist", root, MNIST_CLASSES, download)
 
 
 @DATASETS.register("fashion-mnist", "Fashion-MNIST: IDX files (gz or raw; Debian's dataset-fashion-mnist), "
-                                    "60000 train / 10000 test, 1x28x28")
+                                    "60000 train / 10000 test, 1x28x28", size=lambda **_: (28, 28))
 def fashion_mnist(root: Optional[str], seed: int, *, download: bool = False) -> DataBundle:
     return load_idx_dataset("fashion-mnist", root, FASHION_CLASSES, download)

@@ -151,7 +151,8 @@ def check_options(*, img_size, channels, on_bad_image, stream, classes, resize, 
 
 
 @DATASETS.register("imagefolder", "image tree, one folder per class (optionally Training/ + Testing/), any "
-                                  "format Pillow reads, resized to img_size", check=check_options)
+                                  "format Pillow reads, resized to img_size", check=check_options,
+                   size=lambda **options: check_options(**options)[0])
 def imagefolder(root: Optional[str], seed: int, *, img_size: Union[int, Tuple[int, int], None] = 224,
                 channels: int = 3, on_bad_image: str = "skip", stream: bool = False,
                 classes: Union[None, str, List[str]] = None, resize: Optional[int] = None,

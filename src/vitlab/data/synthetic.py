@@ -69,7 +69,7 @@ def check_options(*, num_classes, img_size, channels, n_train, n_test) -> Tuple[
 
 
 @DATASETS.register("synthetic", "seeded class-dependent bars (position + orientation) in noise, 2D or 3D, for tests",
-                   check=check_options)
+                   check=check_options, size=check_options)
 def synthetic(root: Optional[str], seed: int, *, num_classes: int = 4,
               img_size: Union[int, Tuple[int, ...]] = 16, channels: int = 1, n_train: int = 512,
               n_test: int = 128) -> DataBundle:

@@ -89,7 +89,8 @@ def check_volume_options(*, size, intensity):
 
 
 @DATASETS.register("volumes", "3D volumes: class folders of .npy (H, W, D)/(C, H, W, D) or NIfTI files, "
-                              "scaled to uint8 (min-max, percentile or a fixed window)", check=check_volume_options)
+                              "scaled to uint8 (min-max, percentile or a fixed window)", check=check_volume_options,
+                   size=lambda **options: check_volume_options(**options)[0])
 def volumes(root: Optional[str], seed: int, *, size: Optional[Tuple[int, int, int]] = None,
             intensity: Intensity = "auto") -> DataBundle:
     """Options: ``size``, (H, W, D) to resize every volume (trilinear), or None to keep the files'
@@ -171,7 +172,7 @@ def check_mricron_options(*, patch, per_class) -> Tuple[int, int, int]:
 
 
 @DATASETS.register("mricron-brain", "3D T1 patches (Colin27 ch2 template, Debian mricron-data) labelled by AAL "
-                                    "lobe: 7 classes", check=check_mricron_options)
+                                    "lobe: 7 classes", check=check_mricron_options, size=check_mricron_options)
 def mricron_brain(root: Optional[str], seed: int, *, patch: Tuple[int, int, int] = (16, 16, 16),
                   per_class: int = 200) -> DataBundle:
     """Patches of ``patch`` voxels (1 mm) cut from the ch2 T1 template around ``per_class`` centres per

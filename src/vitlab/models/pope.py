@@ -6,7 +6,7 @@ import math
 import torch
 from torch import nn
 
-from .positions import pad_prefix
+from .positions import frequency_base, pad_prefix
 from .qk_base import QK_PES, QKPE, coords_dot
 
 
@@ -141,7 +141,7 @@ class PoPE(QKPE):
         super().__init__(head_dim=head_dim, num_heads=num_heads, ndim=ndim, layer=layer, depth=depth)
         if head_dim % ndim:
             raise ValueError(f"pope needs head_dim divisible by {ndim} in {ndim}D, got {head_dim}")
-        self.base = float(base)
+        self.base = frequency_base("pope", "base", base)
         n = head_dim // ndim
         freqs = torch.zeros(ndim, head_dim)
         for axis in range(ndim):

@@ -7,6 +7,7 @@ just a new grid: relative PEs read the new coordinates, nothing else changes.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Tuple
 
@@ -49,6 +50,19 @@ class Grid:
     @property
     def num_tokens(self) -> int:
         return self.num_prefix + self.num_patches
+
+
+def frequency_base(owner: str, name: str, value) -> float:
+    """A PE's frequency base (RoPE's theta, PoPE's and sin-cos's base) as a float, checked: frequencies
+    base^(-i/n) are NaN for a negative base and zero or constant for 0 and 1, which would only show
+    as a loss that is not finite at the first step."""
+    try:
+        base = float(value)
+    except (TypeError, ValueError):
+        base = float("nan")
+    if not (base > 1 and math.isfinite(base)):
+        raise ValueError(f"{owner} {name} must be a finite number > 1, got {value!r}")
+    return base
 
 
 def grid_coords(shape: Tuple[int, ...], device=None) -> torch.Tensor:

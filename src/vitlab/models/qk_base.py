@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..registry import Registry
-from .positions import Grid, pad_prefix
+from .positions import Grid, frequency_base, pad_prefix
 
 QK_PES: Registry[type] = Registry("q/k PE", fixed=("head_dim", "num_heads", "ndim", "layer", "depth"))
 
@@ -147,6 +147,7 @@ def axial_frequencies(head_dim: int, ndim: int, theta: float,
     frequencies w_i = theta^(-i/n_a), i < n_a (DESIGN section 3, ``rope_axial``)."""
     if head_dim % 2:
         raise ValueError(f"RoPE needs an even head_dim, got {head_dim}")
+    theta = frequency_base("RoPE", "theta", theta)
     split = axis_pair_split(head_dim // 2, ndim, axis_pairs)
     freqs = torch.zeros(ndim, head_dim // 2)
     start = 0

@@ -7,7 +7,7 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
-from .positions import Grid
+from .positions import Grid, frequency_base
 from .qk_base import QK_PES, QKPE, axial_frequencies, axis_pair_split, coords_dot, rope_rotate, rope_tables
 
 
@@ -22,8 +22,8 @@ class RopeAxial(QKPE):
     def __init__(self, *, head_dim, num_heads, ndim, layer=0, depth=1,
                  theta: float = 100.0, axis_pairs: Optional[Tuple[int, ...]] = None):
         super().__init__(head_dim=head_dim, num_heads=num_heads, ndim=ndim, layer=layer, depth=depth)
+        freqs = axial_frequencies(head_dim, ndim, theta, axis_pairs)  # validates head_dim, theta and the split
         self.theta = float(theta)
-        freqs = axial_frequencies(head_dim, ndim, self.theta, axis_pairs)  # validates head_dim and the split
         self.axis_pairs = axis_pair_split(head_dim // 2, ndim, axis_pairs)
         self.register_buffer("freqs", freqs, persistent=False)
 
@@ -70,7 +70,7 @@ class RopeMixed(QKPE):
         super().__init__(head_dim=head_dim, num_heads=num_heads, ndim=ndim, layer=layer, depth=depth)
         if head_dim % (2 * ndim):
             raise ValueError(f"rope_mixed needs head_dim divisible by {2 * ndim} in {ndim}D, got {head_dim}")
-        self.freqs = nn.Parameter(mixed_init(head_dim, num_heads, ndim, float(theta)))  # (H, ndim, d/2)
+        self.freqs = nn.Parameter(mixed_init(head_dim, num_heads, ndim, frequency_base("rope_mixed", "theta", theta)))  # (H, ndim, d/2)
 
     def forward(self, q, k, grid):
         angles = coords_dot(grid.coords, self.freqs)  # (H, N_patch, d/2)

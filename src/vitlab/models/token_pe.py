@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..registry import Registry
-from .positions import Grid, pad_prefix
+from .positions import Grid, frequency_base, pad_prefix
 
 TOKEN_PES: Registry[type] = Registry("token PE", fixed=("dim", "grid_shape", "num_prefix"))
 
@@ -78,7 +78,7 @@ class SinCosPE(TokenPE):
         ndim = len(self.grid_shape)
         if dim % (2 * ndim):
             raise ValueError(f"sincos needs dim divisible by {2 * ndim} in {ndim}D, got dim={dim}")
-        self.base = float(base)
+        self.base = frequency_base("sincos", "base", base)
 
     def forward(self, tokens, grid):
         table = grid.cached(("sincos", self.dim, self.base),

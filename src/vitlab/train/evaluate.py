@@ -8,6 +8,7 @@ from typing import List, Optional
 import torch
 
 from .. import rundir
+from ..data.base import int_sizes
 from ..config import deep_merge, parse_overrides, read_yaml, validate
 from ..eval.metrics import classification_metrics
 from .augment import BatchAugment
@@ -31,6 +32,7 @@ def eval_run(run_dir: str, overrides: Optional[List[str]] = None, *, checkpoint:
     bad = sorted(set(extra) - {"data", "model"}) + sorted(set(extra.get("model", {})) - {"img_size"})
     if bad:
         raise ValueError(f"vitlab eval can override data.* and model.img_size only; got {bad}")
+    asked = "img_size" in extra.get("model", {})
     new_size = extra.get("model", {}).pop("img_size", img_size)
     extra.pop("model", None)
     cfg = validate(deep_merge(raw, extra))
@@ -49,8 +51,13 @@ def eval_run(run_dir: str, overrides: Optional[List[str]] = None, *, checkpoint:
     dev = torch.device(device)
     model.to(dev).eval()
     size = mcfg.get("img_size") or data_size
-    if new_size is not None:
-        size = (new_size,) * len(data_size) if isinstance(new_size, int) else tuple(new_size)
+    if new_size is not None or asked:
+        ndim = len(data_size)
+        size = int_sizes((new_size,) * ndim if isinstance(new_size, int) and not isinstance(new_size, bool)
+                         else new_size, (ndim,))
+        if size is None:
+            raise ValueError(f"model.img_size must be a positive int or a list of {ndim} positive ints, "
+                             f"got {new_size!r}")
     size = tuple(size)
     norm = state.get("norm") or {"mean": [0.5] * test.item_shape[0], "std": [0.5] * test.item_shape[0]}
     aug = BatchAugment(mean=torch.tensor(norm["mean"]), std=torch.tensor(norm["std"]), num_classes=num_classes,

@@ -32,6 +32,9 @@ from .build import build_model, param_groups
 from .distributed import DistInfo
 from .feed import make_feed
 
+#: what a training checkpoint (``last.pt``) holds besides the weights; resume needs all of it
+RESUME_KEYS = ("model", "optimizer", "scheduler", "run", "partial", "rng", "order_gen")
+
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
@@ -216,6 +219,11 @@ def train_run(cfg: RunConfig, out_dir: Path, *, resume: bool = False, progress: 
 
     # ---- data: uint8 tensors, one stratified split shared by every arm (data.split_seed)
     bundle = load_dataset(d_cfg.name, d_cfg.root, limit=d_cfg.limit, seed=d_cfg.split_seed, **d_cfg.source_options())
+    present = sorted(set(bundle.train.labels.tolist()))
+    if len(present) < 2:  # training would "succeed" at 100% accuracy and report no AUROC
+        where = f" under {d_cfg.root}" if d_cfg.root else ""
+        found = f"only class {bundle.train.classes[present[0]]!r}" if present else "no images"
+        raise ValueError(f"data {d_cfg.name}{where}: {found} in the training data; a classifier needs at least 2")
     split = make_splits(bundle, val_fraction=d_cfg.val_fraction, seed=d_cfg.split_seed, dedupe=d_cfg.dedupe,
                         dedupe_threshold=d_cfg.dedupe_threshold)  # perceptual-hash leakage check first
     train_ds = bundle.train.subset(split["train"])
@@ -245,6 +253,10 @@ def train_run(cfg: RunConfig, out_dir: Path, *, resume: bool = False, progress: 
                                   fused=device.type == "cuda")
     n_train = len(feed) * d_cfg.repeated_aug
     batch = t_cfg.batch_size  # global; each of the world's processes takes batch / world of it
+    if n_train < t_cfg.accum_steps * dinfo.world:
+        raise ValueError(f"train.accum_steps={t_cfg.accum_steps} needs at least {t_cfg.accum_steps * dinfo.world} "
+                         f"training items (one per micro-batch{' and process' if dinfo.enabled else ''}); "
+                         f"the training split has {n_train}")
     if n_train < batch * t_cfg.accum_steps:  # a tiny training set: one smaller batch per step
         batch = max(dinfo.world, n_train // t_cfg.accum_steps // dinfo.world * dinfo.world)
         warnings.warn(f"only {n_train} training items: batch size {batch} instead of {t_cfg.batch_size}")
@@ -277,7 +289,7 @@ def train_run(cfg: RunConfig, out_dir: Path, *, resume: bool = False, progress: 
            "done": False, "reason": "", "imgs": 0, "train_time": 0.0, "data_time": 0.0}
     partial = None  # the interrupted epoch: its order, the step reached, its running sums
     if resume:
-        state = rundir.load_checkpoint(ckpt_dir / "last.pt")
+        state = rundir.load_checkpoint(ckpt_dir / "last.pt", need=RESUME_KEYS)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
