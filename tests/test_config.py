@@ -92,3 +92,12 @@ def test_yaml_file_with_base(tmp_path):
     # the data's real size is checked against the patch (Fashion-MNIST: 28 px), not a stand-in size
     with pytest.raises(ValueError, match=r"img_size=\(28, 28\) is not divisible by patch_size=\(16, 16\)"):
         validate({})
+
+
+def test_another_data_source_does_not_inherit_the_base_options():
+    """Source options belong to their source: naming another data.name drops the base's options
+    (volume-3d-quick's mricron-brain `patch` would be an unknown option of synthetic)."""
+    cfg = load_config("volume-3d-quick", ["data.name=synthetic", "data.options.img_size=[16, 16, 16]"])
+    assert cfg.data.options == {"img_size": [16, 16, 16]}
+    same = load_config("volume-3d-quick", ["data.options.per_class=5"])
+    assert same.data.name == "mricron-brain" and set(same.data.options) == {"patch", "per_class"}

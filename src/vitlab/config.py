@@ -174,12 +174,16 @@ def parse_overrides(items: List[str]) -> Dict[str, Any]:
 def deep_merge(base: dict, extra: dict) -> dict:
     """Merge nested dicts, ``extra`` winning. A model section that names a different
     ``model.name`` (say ``timm:resnet18`` over a vit preset) replaces the base's model keys
-    instead of inheriting vit-only ones."""
+    instead of inheriting vit-only ones; a data section that names another source drops the base's
+    ``data.options`` (they belong to the other source)."""
     out = copy.deepcopy(base)
     for k, v in extra.items():
         if (k == "model" and isinstance(v, dict) and isinstance(out.get(k), dict)
                 and v.get("name", out[k].get("name", "vit")) != out[k].get("name", "vit")):
             out[k] = copy.deepcopy(v)
+        elif (k == "data" and isinstance(v, dict) and isinstance(out.get(k), dict)
+              and v.get("name", out[k].get("name")) != out[k].get("name")):
+            out[k] = deep_merge({key: val for key, val in out[k].items() if key != "options"}, v)
         elif isinstance(v, dict) and isinstance(out.get(k), dict):
             out[k] = deep_merge(out[k], v)
         else:
