@@ -77,6 +77,8 @@ def npz(root: Optional[str], seed: int, *, file: Optional[str] = None,
             raise ValueError(f"npz: {found} holds {len(files)} .npz files ({[p.name for p in files]}); "
                              f"pick one with option file=")
         path = files[0]
+    if not zipfile.is_zipfile(path):  # else numpy reads it as a pickle and refuses that, which misleads
+        raise ValueError(f"npz: {path} is not a .npz archive (numpy.savez writes a zip file)")
     try:
         with np.load(path, allow_pickle=False) as data:
             arrays = {k: data[k] for k in data.files}
