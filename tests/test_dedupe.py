@@ -202,4 +202,4 @@ def test_bad_threshold_and_images_are_one_line_errors():
         phash(torch.zeros(2, 1, 8, 8))
     with pytest.raises(ValueError, match="dedupe_threshold"):
         validate({"data": {"dedupe_threshold": 20}})
-    assert validate({"data": {"dedupe": True, "dedupe_threshold": 2}}).data.dedupe
+    assert validate({"data": {"dedupe": True, "dedupe_threshold": 2}, "model": {"patch_size": 4}}).data.dedupe

@@ -160,7 +160,7 @@ def _refuse_existing_run(out: Path) -> None:
 
     if (out / "final.json").exists():
         raise ValueError(f"{out} already holds a finished run; use --out elsewhere, --force, or --resume")
-    if (out / "config.yaml").exists() or (out / "checkpoints").exists():
+    if (out / "config.yaml").exists() or any((out / "checkpoints").glob("*.pt")):
         try:
             state = f" ({rundir.read_json(out / 'status.json')['status']})"
         except (OSError, ValueError, AttributeError, KeyError, TypeError):
