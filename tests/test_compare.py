@@ -189,6 +189,27 @@ def test_dry_run_lists_every_run_and_what_would_happen_without_writing(tmp_path,
     ("base: fashion-mnist-quick\noverrides: {data.name: fashion_mnist}\narms: {a: {}, b: {}}\n",
      ["'fashion_mnist'", "fashion-mnist"]),
     ("base: fashion-mnist-quick\noverrides: {data.options.colour: 1}\narms: {a: {}}\n", ["'colour'", "download"]),
+    # a grid key an arm sets would override the arm in every run, under the arm's label
+    ("base: fashion-mnist-quick\narms: {a: {model.qk_pe: none}, b: {model.qk_pe: rope_axial}}\n"
+     "grid: {model.qk_pe: [pope]}\n", ["grid key model.qk_pe is also set by arm(s) a, b"]),
+    ("base: fashion-mnist-quick\narms: {a: {model.qk_pe: string_cayley},\n"
+     "       b: {model.qk_pe: string_cayley, model.qk_pe_kwargs: {sparsity: 0.5}}}\n"
+     "grid: {model.qk_pe_kwargs.sparsity: [0.1, 0.2]}\n",
+     ["grid key model.qk_pe_kwargs.sparsity is also set by arm(s) b"]),
+    # keys that are not text (YAML reads 1, 0.5, 5 as numbers)
+    ("base: fashion-mnist-quick\narms: {1: {}, b: {}}\n", ["arm name 1 must be text (quote it: '1')"]),
+    ("base: fashion-mnist-quick\narms: {0.5: {}}\n", ["arm name 0.5 must be text"]),
+    ("base: fashion-mnist-quick\n3: x\ncolour: 1\narms: {a: {}}\n", ["unknown experiment key(s) [3, 'colour']"]),
+    ("base: fashion-mnist-quick\narms: {a: {5: 1}}\n", ["arm 'a': experiment key 5 must be text"]),
+    ("base: fashion-mnist-quick\narms: {a: {}}\ngrid: {5: [1, 2]}\n", ["grid: experiment key 5 must be text"]),
+    ("base: fashion-mnist-quick\noverrides: {5: 1}\narms: {a: {}}\n", ["overrides: experiment key 5 must be text"]),
+    # arm names and grid values name folders: none may leave the comparison directory
+    ("base: fashion-mnist-quick\narms: {a: {}, ../../escape: {}}\n", ["arm name '../../escape'", "folder name"]),
+    ("base: fashion-mnist-quick\narms: {a: {}, /tmp/escape: {}}\n", ["arm name '/tmp/escape'"]),
+    ("base: fashion-mnist-quick\narms: {a: {}, '..': {}}\n", ["arm name '..'"]),
+    ("base: fashion-mnist-quick\narms: {a: {}, 'b\\c': {}}\n", ["arm name 'b\\\\c'"]),
+    ("base: fashion-mnist-quick\narms: {a: {}, '': {}}\n", ["arm name ''"]),
+    ("base: fashion-mnist-quick\narms: {a: {}}\ngrid: {train.lr: [0.001, 0.001]}\n", ["'a-lr0.001-s0'", "repeated"]),
 ])
 def test_bad_experiments(tmp_path, text, words, capsys):
     f = tmp_path / "e.yaml"
@@ -198,6 +219,33 @@ def test_bad_experiments(tmp_path, text, words, capsys):
     assert err.count("\n") == 1 and not (tmp_path / "o").exists()  # refused before anything is written
     for w in words:
         assert w in err, (w, err)
+
+
+@pytest.mark.parametrize("argv,words", [
+    # an override of a key an arm or the grid sets would be silently ignored for those runs
+    (["model.qk_pe=pope"], ["override model.qk_pe conflicts with arm(s) none, rope_axial"]),
+    (["model.qk_pe_kwargs.sparsity=0.5"], ["override model.qk_pe_kwargs.sparsity", "arm(s) rope_axial"]),
+    (["train.lr=0.01"], ["override train.lr conflicts with the grid"]),
+    (["train.seed=5"], ["override train.seed conflicts with the experiment's seeds", "--seeds"]),
+    # launcher options out of range, refused by the dry run as by a real call
+    (["--jobs", "0"], ["jobs=0; must be >= 1"]),
+    (["--jobs", "-1"], ["jobs=-1; must be >= 1"]),
+    (["--procs-per-run", "-1"], ["procs-per-run=-1; must be >= 1"]),
+    (["--launcher", "submitit-local", "--mem-gb", "nan"], ["mem-gb=nan; must be a positive number of GB"]),
+    (["--launcher", "submitit-local", "--mem-gb", "-1"], ["mem-gb=-1.0; must be a positive number of GB"]),
+])
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_conflicting_overrides_and_bad_launcher_options(tmp_path, argv, words, dry_run, capsys):
+    exp_file = tmp_path / "exp.yaml"
+    exp_file.write_text(EXP.replace("{model.qk_pe: rope_axial}", "{model.qk_pe: rope_axial, model.qk_pe_kwargs: {}}")
+                        + "grid: {train.lr: [0.002]}\n")
+    argv = ["compare", str(exp_file), *argv, "--out", str(tmp_path / "o"), "--quiet"] + ["--dry-run"] * dry_run
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and all(w in err for w in words), err
+    assert not (tmp_path / "o").exists()
+    if dry_run:  # the same experiment without the bad option is fine
+        assert main(["compare", str(exp_file), "model.dim=64", "--out", str(tmp_path / "o"), "--dry-run"]) == 0
 
 
 def test_default_study_expands_to_eight_arms_three_seeds():

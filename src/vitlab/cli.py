@@ -264,8 +264,8 @@ def _print_plan(exp, out: Path, args) -> int:
     from .compare.runner import plan_compare
 
     plan = plan_compare(exp, out, extra=args.overrides, retry_failed=args.retry_failed, launcher=args.launcher,
-                        cluster=_cluster_options(args), wait=not args.no_wait,
-                        log=lambda m: print(m, file=sys.stderr, flush=True))
+                        cluster=_cluster_options(args), wait=not args.no_wait, jobs=args.jobs,
+                        procs=args.procs_per_run, log=lambda m: print(m, file=sys.stderr, flush=True))
     points = len(exp.points())
     print(f"{out}: {len(plan)} runs = {len(exp.arms)} arms x {points} grid point{'s' * (points != 1)} x "
           f"{len(exp.seeds)} seeds; baseline {exp.baseline}, metric {exp.metric}, correction {exp.correction}, "

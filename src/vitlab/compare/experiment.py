@@ -57,8 +57,42 @@ def studies() -> List[str]:
     return names
 
 
+def _within(key: str, other: str) -> bool:
+    """``key`` is ``other`` or a key inside it (``data.options.n`` within ``data.options``)."""
+    return key == other or key.startswith(other + ".")
+
+
 def _splits_key(key: str) -> bool:
-    return any(key == k or key.startswith(k + ".") for k in SPLIT_KEYS)
+    return any(_within(key, k) for k in SPLIT_KEYS)
+
+
+def _set_by(key: str, arms: Dict[str, Dict[str, Any]]) -> List[str]:
+    """The arms that set ``key``, a key inside it, or one it is inside."""
+    return [a for a, keys in arms.items() if _overlaps(key, keys)]
+
+
+def _overlaps(key: str, keys) -> bool:
+    """``key`` is one of ``keys``, inside one, or holds one: setting both sets the same value."""
+    return any(_within(key, k) or _within(k, key) for k in keys)
+
+
+def _check_dotted(keys, where: str) -> None:
+    """Every key is text naming a config key as section.key; ``where`` leads the one-line error."""
+    for key in keys:
+        if not isinstance(key, str):
+            raise ValueError(f"{where}experiment key {key!r} must be text: a dotted section.key, e.g. model.qk_pe")
+        if "." not in key:
+            raise ValueError(f"{where}experiment key {key!r} must be dotted (section.key), e.g. model.qk_pe")
+
+
+def check_folder_name(name, what: str) -> None:
+    """``name`` can be one folder under the comparison directory: text, not empty, no ``/`` or ``\\``,
+    not starting with a dot (``..``, hidden files); a one-line ValueError led by ``what`` otherwise."""
+    if not isinstance(name, str):
+        raise ValueError(f"{what} {name!r} must be text (quote it: '{name}')")
+    if not name or name.startswith(".") or any(c in name for c in "/\\\0"):
+        raise ValueError(f"{what} {name!r} cannot be a folder name under the comparison directory: it must be "
+                         f"non-empty, without / or \\, and not start with a dot")
 
 
 
@@ -90,30 +124,49 @@ class Experiment:
         return [dict(zip(keys, values)) for values in itertools.product(*(self.grid[k] for k in keys))] or [{}]
 
     def runs(self, extra: Optional[List[str]] = None) -> List[RunSpec]:
-        """Every run, validated before any starts (a bad arm fails the whole experiment up front)."""
+        """Every run, validated before any starts (a bad arm fails the whole experiment up front).
+        An override (``extra``) of a key an arm or the grid sets is refused: it would apply to some
+        runs only, silently."""
         base = deep_merge(read_yaml(self.base), _nest(self.overrides))
         base = deep_merge(base, parse_overrides(extra or []))
-        specs = []
+        for key in (item.partition("=")[0] for item in extra or []):
+            setters = _set_by(key, self.arms)
+            if setters:
+                raise ValueError(f"override {key} conflicts with arm(s) {', '.join(setters)}, which set it; change "
+                                 f"the arms in the experiment file instead")
+            if _overlaps(key, self.grid):
+                raise ValueError(f"override {key} conflicts with the grid, which sets it; change the grid in the "
+                                 f"experiment file instead")
+            if _within("train.seed", key):
+                raise ValueError(f"override {key} conflicts with the experiment's seeds, which set train.seed for "
+                                 f"each run; use --seeds N or the experiment's 'seeds'")
+        specs, names = [], set()
         for arm, keys in self.arms.items():
             for point in self.points():
                 for seed in self.seeds:
                     raw = deep_merge(deep_merge(base, _nest(keys)), _nest(point))
                     raw = deep_merge(raw, {"train": {"seed": seed}})
+                    where = f"arm {arm!r}{' at ' + str(point) if point else ''}"
                     try:
                         cfg = validate(raw)
                     except ValueError as err:
-                        raise ValueError(f"arm {arm!r}{' at ' + str(point) if point else ''}: {err}") from None
+                        raise ValueError(f"{where}: {err}") from None
                     tag = "-".join(f"{k.split('.')[-1]}{v}" for k, v in point.items())
-                    specs.append(RunSpec("-".join(filter(None, [arm, tag, f"s{seed}"])), arm, point, seed, cfg))
+                    name = "-".join(filter(None, [arm, tag, f"s{seed}"]))
+                    check_folder_name(name, f"{where}: run name")
+                    if name in names:
+                        raise ValueError(f"two runs would share the run name {name!r} (a grid value repeated, or "
+                                         f"two that read the same as text); make the grid values distinct")
+                    names.add(name)
+                    specs.append(RunSpec(name, arm, point, seed, cfg))
         return specs
 
 
 def _nest(flat: Dict[str, Any]) -> dict:
     """{"model.qk_pe": "pope"} -> {"model": {"qk_pe": "pope"}} (values kept as given)."""
     out: dict = {}
+    _check_dotted(flat or {}, "")
     for key, value in (flat or {}).items():
-        if "." not in key:
-            raise ValueError(f"experiment key {key!r} must be dotted (section.key), e.g. model.qk_pe")
         node = out
         parts = key.split(".")
         for p in parts[:-1]:
@@ -153,12 +206,14 @@ def load_experiment(source: Optional[str], seeds: Optional[int] = None) -> Exper
     """An experiment YAML file or a shipped study's name, or the default study when ``source`` is
     None. ``seeds`` (a count) replaces the file's seeds."""
     raw = read_experiment(source or DEFAULT_STUDY)
-    unknown = sorted(set(raw) - set(EXPERIMENT_KEYS))
+    unknown = sorted(set(raw) - set(EXPERIMENT_KEYS), key=str)
     if unknown:
         raise ValueError(f"unknown experiment key(s) {unknown}; valid: {', '.join(EXPERIMENT_KEYS)}")
     arms = raw.get("arms") or {}
     if not isinstance(arms, dict) or not arms or not all(isinstance(v, dict) or v is None for v in arms.values()):
         raise ValueError("experiment 'arms' must be a non-empty mapping of arm name -> dotted keys")
+    for name in arms:  # each names the folders of its runs
+        check_folder_name(name, "arm name")
     if seeds is not None:
         if seeds < 1:
             raise ValueError(f"--seeds must be >= 1, got {seeds}")
@@ -175,6 +230,7 @@ def load_experiment(source: Optional[str], seeds: Optional[int] = None) -> Exper
     grid = raw.get("grid") or {}
     if not isinstance(grid, dict) or any(not isinstance(v, list) or not v for v in grid.values()):
         raise ValueError("experiment 'grid' maps dotted keys to non-empty lists of values")
+    _check_dotted(grid, "grid: ")
     metric = raw.get("metric", "acc1")
     if metric not in METRICS:
         raise ValueError(f"experiment metric {metric!r}; valid: {', '.join(METRICS)}")
@@ -190,6 +246,7 @@ def load_experiment(source: Optional[str], seeds: Optional[int] = None) -> Exper
     overrides = raw.get("overrides") or {}
     if not isinstance(overrides, dict):
         raise ValueError("experiment 'overrides' must map dotted keys to values")
+    _check_dotted(overrides, "overrides: ")
     check_fairness({k: dict(v or {}) for k, v in arms.items()}, grid, recipe_keys)
     return Experiment(base=raw.get("base", "fashion-mnist-quick"), arms={k: dict(v or {}) for k, v in arms.items()},
                       seeds=seeds_, baseline=baseline, overrides=overrides, grid=grid,
@@ -198,15 +255,21 @@ def load_experiment(source: Optional[str], seeds: Optional[int] = None) -> Exper
 
 
 def check_fairness(arms: Dict[str, Dict[str, Any]], grid: Dict[str, list], recipe_keys: List[str]) -> None:
-    """Arms share the split always, and the recipe unless ``arm_recipe_keys`` lets a key differ."""
+    """Arms share the split always, and the recipe unless ``arm_recipe_keys`` lets a key differ; a
+    grid key is set by no arm (the grid would override the arm, and the report label it wrongly)."""
+    for arm, keys in arms.items():
+        _check_dotted(keys, f"arm {arm!r}: ")
     for key in [*grid, *recipe_keys]:
         if _splits_key(key):
             raise ValueError(f"{key} defines the split, which every run of a comparison shares; it cannot be a "
                              f"grid key or an arm_recipe_key (set it in 'overrides' or run another comparison)")
+    for key in grid:
+        setters = _set_by(key, arms)
+        if setters:
+            raise ValueError(f"grid key {key} is also set by arm(s) {', '.join(setters)}: the grid would override "
+                             f"the arms; set it in the arms or the grid, not both")
     for arm, keys in arms.items():
         for key in keys:
-            if "." not in key:
-                raise ValueError(f"arm {arm!r}: experiment key {key!r} must be dotted (section.key), e.g. model.qk_pe")
             if _splits_key(key):
                 raise ValueError(f"arm {arm!r} sets {key}, which defines the split: every arm must train and "
                                  f"test on the same split (put it in 'overrides' for all arms)")

@@ -4,7 +4,6 @@ Each function draws one PNG and returns its path, or None when the runs recorded
 (older runs, a timm model without attention maps, an experiment without a sweep)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -29,9 +28,25 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+def _npz(path: Path, **ndims: int) -> Optional[dict]:
+    """:func:`load_npz` (None when the run did not record it), with the arrays a figure reads
+    (name=ndim): a damaged or foreign file is a one-line ValueError naming it."""
+    fix = "delete it to report without it, or delete the run to train it again"
+    try:
+        rec = load_npz(path)
+    except Exception as err:  # a damaged file fails in many ways: BadZipFile, zlib.error, EOFError, ...
+        raise ValueError(f"{path}: unreadable ({' '.join(str(err).split())[:200] or type(err).__name__}); "
+                         f"{fix}") from None
+    bad = [f"{k} ({n}-d)" for k, n in ndims.items() if rec is not None and (k not in rec or rec[k].ndim != n)]
+    if bad:
+        raise ValueError(f"{path}: not a vitlab {path.name} (no array {', '.join(bad)}); {fix}")
+    return rec
+
+
 def _metrics(run: Path) -> List[dict]:
-    path = run / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    from ..train.loop import read_metrics  # drops a torn line, as training does when it resumes
+
+    return read_metrics(run / "metrics.jsonl")
 
 
 def _panels(k: int, width: float, height: float, max_cols: int = 4):
@@ -105,7 +120,7 @@ def roc_curves(runs: Dict[str, List[Path]], classes: List[str], path: Path) -> O
     for name, dirs in runs.items():
         per_class: Dict[str, List[np.ndarray]] = {}
         for d in dirs:
-            pred = load_npz(d / "predictions.npz")
+            pred = _npz(d / "predictions.npz", labels=1, probs=2)
             if pred is None:
                 continue
             y, p = pred["labels"], pred["probs"]
@@ -167,7 +182,8 @@ def attention_grid(runs: Dict[str, List[Path]], classes: List[str], path: Path) 
 
     rows, images, labels = [], None, None
     for name, dirs in runs.items():
-        rec = next((r for r in (load_npz(d / "attention.npz") for d in dirs) if r is not None), None)
+        rec = next((r for r in (_npz(d / "attention.npz", images=4, labels=1, maps=3) for d in dirs) if r is not None),
+                   None)
         if rec is None:
             continue
         if images is None:

@@ -4,22 +4,34 @@ resolution extrapolation, and the figures (learning curves, accuracy vs time, co
 ROC curves, extrapolation curves, attention maps, sweeps of a numeric option)."""
 from __future__ import annotations
 
+import collections
 import json
 import math
+import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional
 
-import yaml
-
 from .. import rundir
+from ..config import load_yaml_file
 from ..data.dedupe import leakage_line
-from .experiment import METRICS
+from .experiment import METRICS, check_folder_name
 from .runner import run_state
 from .stats import ALPHA, CORRECTIONS, adjust_p, mean_ci, summarize
 
 METRIC_NAMES = {"acc1": "test accuracy (top-1)", "acc5": "test accuracy (top-5)", "auroc_macro": "test AUROC (macro, one-vs-rest)"}
+#: config keys a launcher sets per run: there a run's config.yaml may differ from the experiment's configs/NAME.yaml
+LAUNCH_KEYS = ("train.threads", "train.device")
 #: config keys that may differ between the runs of one comparison without changing the recipe
-FREE_KEYS = ("train.seed", "train.threads", "train.device")
+FREE_KEYS = ("train.seed", *LAUNCH_KEYS)
+#: the entries of experiment.json the report reads: (key, type, required)
+MANIFEST_ENTRIES = (("base", str, True), ("seeds", list, True), ("baseline", str, True), ("arms", dict, False),
+                    ("grid", dict, False), ("arm_recipe_keys", list, False), ("description", str, False))
+#: the entries of a finished run's final.json every report reads, and their types
+FINAL_ENTRIES = {"acc1": (int, float), "params": int, "flops": (int, float), "seconds": (int, float),
+                 "confusion": list}
+REWRITE = "rerun `vitlab compare` with the same experiment and --out to rewrite it"
 
 
 def _fmt(v, spec=".4f"):
@@ -37,39 +49,74 @@ def _flat(d: dict, prefix: str = "") -> Dict[str, object]:
     return out
 
 
-def collect(out: Path) -> dict:
-    out = Path(out)
-    manifest_file = out / "experiment.json"
-    if not manifest_file.is_file():
-        raise FileNotFoundError(f"{out}: no experiment.json (not a vitlab compare directory)")
+def _read_json(path: Path, fix: str) -> dict:
+    """The JSON object in ``path``; otherwise a one-line ValueError naming the file and saying ``fix``."""
     try:
-        manifest = json.loads(manifest_file.read_text())
-        runs_ok = isinstance(manifest, dict) and isinstance(manifest.get("runs"), list) and all(
-            isinstance(r, dict) and {"name", "arm", "point", "seed"} <= set(r) for r in manifest["runs"])
-    except ValueError as err:
-        raise ValueError(f"{manifest_file}: not valid JSON ({err}); rerun `vitlab compare` with the same "
-                         f"experiment and --out to rewrite it") from None
-    if not runs_ok or "baseline" not in manifest:
-        raise ValueError(f"{manifest_file}: not a vitlab experiment manifest (it needs 'baseline' and 'runs' with "
-                         f"name/arm/point/seed); rerun `vitlab compare` with the same experiment and --out")
+        value = json.loads(Path(path).read_text())
+    except ValueError as err:  # not JSON (truncated, empty) or not UTF-8
+        raise ValueError(f"{path}: not valid JSON ({err}); {fix}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(value).__name__}; {fix}")
+    return value
+
+
+def _read_config(path: Path, why: str) -> dict:
+    """A run config (config.yaml, configs/NAME.yaml) as a dict; one-line ValueErrors naming the file."""
+    if not path.is_file():
+        raise ValueError(f"{path.parent}: no {path.name}; {why}")
+    raw = load_yaml_file(path, "config")
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: not a run config (expected a mapping with data/model/train sections)")
+    return raw
+
+
+def read_manifest(out: Path) -> dict:
+    """``out/experiment.json``, checked: every entry the report reads is there, of its type."""
+    path = Path(out) / "experiment.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{out}: no experiment.json (not a vitlab compare directory)")
+    manifest = _read_json(path, REWRITE)
+    runs = manifest.get("runs")
+    if not isinstance(runs, list) or "baseline" not in manifest or not all(
+            isinstance(r, dict) and {"name", "arm", "point", "seed"} <= set(r) and isinstance(r["arm"], str)
+            and isinstance(r["point"], dict) and isinstance(r["seed"], int) for r in runs):
+        raise ValueError(f"{path}: not a vitlab experiment manifest (it needs 'baseline' and 'runs' with "
+                         f"name/arm/point/seed); {REWRITE}")
     for key, valid, default in (("metric", METRICS, "acc1"), ("correction", CORRECTIONS, "holm")):
         value = manifest.get(key, default)
         if not isinstance(value, str) or value not in valid:
-            raise ValueError(f"{manifest_file}: {key} {value!r}; valid: {', '.join(valid)}")
+            raise ValueError(f"{path}: {key} {value!r}; valid: {', '.join(valid)}")
+    for key, kind, required in MANIFEST_ENTRIES:
+        if not isinstance(manifest.get(key, None if required else kind()), kind):
+            raise ValueError(f"{path}: {key!r} must be {kind.__name__}, got {manifest.get(key)!r}; {REWRITE}")
+    for r in runs:  # a folder under runs/, never a path out of it
+        check_folder_name(r["name"], f"{path}: run name")
+    return manifest
+
+
+def collect(out: Path) -> dict:
+    """The comparison in ``out`` as the report reads it: the manifest, the finished runs (each with
+    its final.json and split.json) and the others (with state and reason). A damaged file is a
+    one-line ValueError naming it, never a run silently dropped."""
+    out = Path(out)
+    manifest = read_manifest(out)
     finished, others = [], []
     for r in manifest["runs"]:
         run = out / "runs" / r["name"]
+        fix = f"delete {run} to report without it, or to train it again with `vitlab compare`"
         state = run_state(run)
         if state == "finished":
-            finished.append({**r, "dir": run, "final": json.loads((run / "final.json").read_text())})
+            final = _read_json(run / "final.json", fix)
+            bad = [k for k, kind in FINAL_ENTRIES.items() if not isinstance(final.get(k), kind)]
+            if bad:
+                raise ValueError(f"{run / 'final.json'}: not a finished run's results (no valid {', '.join(bad)}); "
+                                 f"{fix}")
+            split = _read_json(run / "split.json", fix) if (run / "split.json").is_file() else None
+            finished.append({**r, "dir": run, "final": final, "split": split})
         else:
-            reason = ""
-            if (run / "status.json").is_file():
-                reason = json.loads((run / "status.json").read_text()).get("reason", "")
-            others.append({**r, "state": state, "reason": reason})
-    splits = {json.dumps(json.loads((r["dir"] / "split.json").read_text()).get("test"))
-              for r in finished if (r["dir"] / "split.json").is_file()}
-    if len(splits) > 1:
+            status = _read_json(run / "status.json", fix) if (run / "status.json").is_file() else {}
+            others.append({**r, "state": state, "reason": status.get("reason", "")})
+    if len({json.dumps(r["split"].get("test")) for r in finished if r["split"] is not None}) > 1:
         raise ValueError(f"{out}: the finished runs do not share one test split; a comparison needs one split")
     check_one_recipe(out, manifest, finished)
     return {"manifest": manifest, "finished": finished, "others": others}
@@ -77,24 +124,32 @@ def collect(out: Path) -> dict:
 
 def check_one_recipe(out: Path, manifest: dict, finished: List[dict]) -> None:
     """Every finished run was trained with the same data and train settings, apart from its seed,
-    the grid keys and the experiment's ``arm_recipe_keys`` (a run directory mixed in from elsewhere,
-    or a config edited by hand, is caught here)."""
+    the grid keys and the experiment's ``arm_recipe_keys``; and with the config the experiment gave
+    it (``configs/NAME.yaml``: its arm's keys, grid point and seed), apart from the keys a launcher
+    sets. A run directory mixed in from elsewhere or copied under another run's name, or a config
+    edited by hand, is caught here."""
     free = set(FREE_KEYS) | set(manifest.get("grid", {})) | set(manifest.get("arm_recipe_keys", []))
     first, first_cfg = None, None
     for r in finished:
-        path = r["dir"] / "config.yaml"
-        if not path.is_file():
-            raise ValueError(f"{r['dir']}: no config.yaml; cannot check that it shares the comparison's recipe")
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = _read_config(r["dir"] / "config.yaml", "cannot check that it shares the comparison's recipe")
         cfg = {k: v for k, v in _flat({s: raw.get(s, {}) for s in ("data", "train", "eval")}).items()
                if k not in free and not any(k.startswith(f + ".") for f in free)}
         if first_cfg is None:
             first, first_cfg = r["name"], cfg
-            continue
         for key in sorted(set(cfg) | set(first_cfg)):
             if cfg.get(key) != first_cfg.get(key):
                 raise ValueError(f"{out}: runs {first} and {r['name']} differ in {key} ({first_cfg.get(key)!r} vs "
                                  f"{cfg.get(key)!r}): not one split and recipe, so not a fair comparison")
+        expected_file = out / "configs" / f"{r['name']}.yaml"
+        expected = _flat(_read_config(expected_file, f"cannot check that run {r['name']} was trained with its arm's "
+                                                     f"config; {REWRITE}"))
+        got = _flat(raw)
+        for key in sorted(set(got) | set(expected)):
+            if key not in LAUNCH_KEYS and got.get(key) != expected.get(key):
+                raise ValueError(f"{r['dir']}: trained with {key}={got.get(key)!r}, but the experiment gives run "
+                                 f"{r['name']} (arm {r['arm']}) {key}={expected.get(key)!r} ({expected_file}): a run "
+                                 f"directory from another arm or comparison; delete it to train it again with "
+                                 f"`vitlab compare`")
 
 
 def group_name(r: dict) -> str:
@@ -152,9 +207,45 @@ def ranking_summary(out: Path) -> str:
 
 
 def write_report(out: Path) -> Path:
-    """Write ``out/report.md`` and ``out/report.html``; returns report.md's path."""
+    """Write ``out/report.md``, ``out/report.html`` and ``out/figures/``; returns report.md's path.
+    They are built in a temporary folder in ``out`` and moved in only once complete: a report that
+    fails (a damaged run file, no finished run) leaves the earlier report whole."""
+    from .html import to_html
+
     out = Path(out)
     data = collect(out)
+    if not data["finished"]:
+        states = collections.Counter(r["state"] for r in data["others"])
+        why = next((f"; {r['name']}: {r['reason']}" for r in data["others"] if r["reason"]), "")
+        raise ValueError(f"no finished runs under {out / 'runs'} ({', '.join(f'{n} {s}' for s, n in states.items())}"
+                         f"{why}); report left unchanged")
+    try:
+        stage = Path(tempfile.mkdtemp(dir=out, prefix=".report-", suffix=".tmp"))
+    except OSError as err:
+        raise rundir.output_error(out / "report.md", err) from err
+    try:
+        lines = report_lines(out, data, stage)
+        rundir.atomic_write_text(stage / "report.md", "\n".join(lines) + "\n")
+        rundir.atomic_write_text(stage / "report.html", to_html(lines, stage))
+        _swap_in(stage, out)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return out / "report.md"
+
+
+def _swap_in(stage: Path, out: Path) -> None:
+    """Move the report built in ``stage`` into ``out``, replacing the earlier one, by renames only
+    (the old figures/ go into ``stage``, to be deleted with it)."""
+    if (out / "figures").exists():
+        os.rename(out / "figures", stage / "old-figures")
+    os.rename(stage / "figures", out / "figures")
+    for name in ("report.html", "report.md"):
+        os.replace(stage / name, out / name)
+
+
+def report_lines(out: Path, data: dict, stage: Path) -> List[str]:
+    """The report's markdown lines for comparison ``out`` (:func:`collect`'s ``data``, at least one
+    run finished), its figures drawn into ``stage/figures``."""
     m = data["manifest"]
     metric = m.get("metric", "acc1")
     rows = ranking_rows(m, data["finished"])
@@ -170,10 +261,8 @@ def write_report(out: Path) -> Path:
     if m.get("arm_recipe_keys"):
         lines += [f"Recipe keys some arms set differently (the experiment allows it): "
                   f"{', '.join('`' + k + '`' for k in m['arm_recipe_keys'])}.", ""]
-    if data["finished"]:
-        first = data["finished"][0]["dir"] / "split.json"
-        if first.is_file():
-            lines += [leakage_line(json.loads(first.read_text())), ""]
+    if data["finished"][0]["split"] is not None:
+        lines += [leakage_line(data["finished"][0]["split"]), ""]
     correction = m.get("correction", "holm")
     tests = sum(r["p"] is not None for r in rows)
     adjusted = (f"The p-values of the {tests} test{'s' * (tests != 1)} are adjusted for their number by "
@@ -205,21 +294,13 @@ def write_report(out: Path) -> Path:
         lines += ["", "## Runs not finished", "", "Listed, never dropped: they count in no table above.", "",
                   "| run | state | reason |", "|---|---|---|"]
         lines += [f"| {r['name']} | {r['state']} | {r['reason']} |" for r in data["others"]]
-    if data["finished"]:
-        lines += auroc_table(data, order)
-        lines += resolution_table(data, order)
-        lines += figures(out, data, order)
-    path = out / "report.md"
-    from .html import to_html
-
-    rundir.atomic_write_text(path, "\n".join(lines) + "\n")
-    rundir.atomic_write_text(out / "report.html", to_html(lines, out))
-    return path
+    lines += auroc_table(data, order)
+    lines += resolution_table(data, order)
+    return lines + figures(stage, data, order)
 
 
 def _classes(data: dict) -> List[str]:
-    split = data["finished"][0]["dir"] / "split.json"
-    classes = json.loads(split.read_text()).get("classes") if split.is_file() else None
+    classes = (data["finished"][0]["split"] or {}).get("classes")
     return classes or [str(i) for i in range(len(data["finished"][0]["final"]["confusion"]))]
 
 
@@ -275,11 +356,11 @@ def resolution_table(data: dict, order: List[str]) -> List[str]:
     return lines
 
 
-def figures(out: Path, data: dict, order: List[str]) -> List[str]:
-    """Draw the figures into out/figures and return the report lines that show them."""
+def figures(root: Path, data: dict, order: List[str]) -> List[str]:
+    """Draw the figures into root/figures and return the report lines that show them."""
     from . import plots
 
-    fig_dir = out / "figures"
+    fig_dir = root / "figures"
     fig_dir.mkdir(exist_ok=True)
     runs: Dict[str, List[Path]] = {g: [] for g in order}
     finals: Dict[str, List[dict]] = {g: [] for g in order}

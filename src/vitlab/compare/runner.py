@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import json
+import math
 import os
 import queue
 import shutil
@@ -29,9 +30,10 @@ def run_state(run: Path) -> str:
     status = run / "status.json"
     if status.is_file():
         try:
-            state = json.loads(status.read_text())["status"]
-        except (ValueError, KeyError):
-            state = "partial"
+            record = json.loads(status.read_text())
+        except ValueError:
+            record = None
+        state = record.get("status") if isinstance(record, dict) else "partial"
         if state == "finished" and (run / "final.json").is_file():
             return "finished"
         if state in ("failed", "diverged"):
@@ -93,10 +95,11 @@ def _check_data(spec: RunSpec, launcher: str, log: Callable[[str], None]) -> Non
 
 
 def _prepare(exp: Experiment, out: Path, extra: Optional[List[str]], launcher: str,
-             cluster: Optional["ClusterOptions"], wait: bool, log: Callable[[str], None]):
+             cluster: Optional["ClusterOptions"], wait: bool, log: Callable[[str], None],
+             jobs: Optional[int] = None, procs: Optional[int] = None):
     """What every call checks before it writes anything: the launcher, every run's config, an earlier
     comparison in ``out``, the data. Returns (cluster options, run specs, manifest)."""
-    cluster = check_launcher(launcher, cluster, wait)
+    cluster = check_launcher(launcher, cluster, wait, jobs=jobs, procs=procs)
     specs = exp.runs(extra)
     manifest = _manifest(exp, specs, extra)
     _check_same_experiment(out, specs, manifest)
@@ -116,13 +119,14 @@ def _action(name: str, state: str, in_flight: Dict[str, dict], retry_failed: boo
 
 def plan_compare(exp: Experiment, out: Path, *, extra: Optional[List[str]] = None, retry_failed: bool = False,
                  launcher: str = "local", cluster: Optional["ClusterOptions"] = None, wait: bool = True,
-                 log: Callable[[str], None] = print) -> List[dict]:
+                 log: Callable[[str], None] = print, jobs: Optional[int] = None,
+                 procs: Optional[int] = None) -> List[dict]:
     """What :func:`run_compare` would do, checked as it checks (every run's config, the launcher, a
     comparison already in ``out``, the data) but without training, submitting or writing anything: one dict
     per run with its name, arm, grid point, seed, state (:func:`run_state`) and action (``run``,
     ``resume``, ``skip``; ``in flight`` for a job an earlier call submitted)."""
     out = Path(out)
-    _, specs, _ = _prepare(exp, out, extra, launcher, cluster, wait, log)
+    _, specs, _ = _prepare(exp, out, extra, launcher, cluster, wait, log, jobs, procs)
     in_flight = _in_flight(out)
     plan = []
     for spec in specs:
@@ -148,9 +152,8 @@ def run_compare(exp: Experiment, out: Path, *, extra: Optional[List[str]] = None
     the run's GPUs (``cluster.gpus_per_run``). The local launcher gives each run it runs at once
     GPUs of its own (``CUDA_VISIBLE_DEVICES``, ``procs`` each) when this machine has several."""
     out = Path(out)
-    cluster, specs, manifest = _prepare(exp, out, extra, launcher, cluster, wait, log)  # before anything is written
-    if procs is not None and procs < 1:
-        raise ValueError(f"procs-per-run={procs}; must be >= 1")
+    # before anything is written
+    cluster, specs, manifest = _prepare(exp, out, extra, launcher, cluster, wait, log, jobs, procs)
     procs = procs or (cluster.gpus_per_run if launcher != "local" and (cluster.gpus_per_run or 0) > 1 else 1)
     rundir.make_dir(out / "runs")
     rundir.make_dir(out / "configs")
@@ -168,13 +171,12 @@ def run_compare(exp: Experiment, out: Path, *, extra: Optional[List[str]] = None
         at_once = (jobs or 1) * procs
         threads = max(1, (os.cpu_count() or 1) // at_once) if at_once > 1 else 0
     todo = []
-    for spec in specs:
-        run = out / "runs" / spec.name
-        if _action(spec.name, run_state(run), in_flight, retry_failed) not in ("run", "resume"):
-            continue
-        cfg_file = out / "configs" / f"{spec.name}.yaml"
-        rundir.atomic_write_text(cfg_file, dump_yaml(spec.config))
-        todo.append((spec, run, cfg_file))
+    for spec in specs:  # every run's config, the one `vitlab report` checks the run against
+        run, cfg_file = out / "runs" / spec.name, out / "configs" / f"{spec.name}.yaml"
+        if not cfg_file.is_file():
+            rundir.atomic_write_text(cfg_file, dump_yaml(spec.config))
+        if _action(spec.name, run_state(run), in_flight, retry_failed) in ("run", "resume"):
+            todo.append((spec, run, cfg_file))
     if launcher != "local":
         return _run_jobs(specs, todo, in_flight, out, launcher, cluster, jobs, threads, wait, log, poll_s, procs)
     jobs = jobs or 1
@@ -278,8 +280,10 @@ class ClusterOptions:
     slurm_args: Dict[str, str] = field(default_factory=dict)
 
 
-def check_launcher(launcher: str, cluster: Optional[ClusterOptions], wait: bool) -> ClusterOptions:
-    """Validate the launcher and its options; one-line ValueErrors naming the value and the choices."""
+def check_launcher(launcher: str, cluster: Optional[ClusterOptions], wait: bool, jobs: Optional[int] = None,
+                   procs: Optional[int] = None) -> ClusterOptions:
+    """Validate the launcher and its options (``jobs``: runs at once, ``procs``: processes per run);
+    one-line ValueErrors naming the value and the choices."""
     if launcher not in LAUNCHERS:
         raise ValueError(f"unknown launcher {launcher!r}; valid: {', '.join(LAUNCHERS)}")
     if launcher == "slurm" and shutil.which("sbatch") is None:
@@ -295,10 +299,12 @@ def check_launcher(launcher: str, cluster: Optional[ClusterOptions], wait: bool)
                              "here and waits")
     if launcher == "submitit-local" and (given.partition or given.slurm_args):
         raise ValueError("--partition and --slurm-arg apply to --launcher slurm only")
-    for name, value, low in (("gpus_per_run", given.gpus_per_run, 0), ("cpus_per_run", given.cpus_per_run, 1),
-                             ("time_min", given.time_min, 1), ("mem_gb", given.mem_gb, 1e-9)):
+    for name, value, low in (("jobs", jobs, 1), ("procs-per-run", procs, 1), ("gpus-per-run", given.gpus_per_run, 0),
+                             ("cpus-per-run", given.cpus_per_run, 1), ("time-min", given.time_min, 1)):
         if value is not None and value < low:
-            raise ValueError(f"{name.replace('_', '-')}={value}; must be >= {low if low >= 1 or low == 0 else '> 0'}")
+            raise ValueError(f"{name}={value}; must be >= {low}")
+    if given.mem_gb is not None and not 0 < given.mem_gb < math.inf:  # nan too
+        raise ValueError(f"mem-gb={given.mem_gb}; must be a positive number of GB")
     return given
 
 
