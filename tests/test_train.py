@@ -231,3 +231,20 @@ def test_on_bad_image_fail_stops_with_the_file_named(tmp_path, capsys):
     assert "notes.png" in err and err.count("\n") == 1
     with pytest.warns(UserWarning, match="skipped 1 file"):
         assert main(args) == 0  # skip (the default): trains on the 12 readable images
+
+
+
+def test_run_files_get_the_usual_permissions(tmp_path):
+    """Atomic writes go through a temporary file (mode 0600); the result must get the mode a plain
+    open() gives (0666 less the umask), so that a lab's group can read shared results."""
+    import os
+
+    from vitlab import rundir
+
+    umask = os.umask(0o022)
+    os.umask(umask)
+    rundir.write_json(tmp_path / "final.json", {"acc1": 0.5})
+    with open(tmp_path / "plain.txt", "w"):
+        pass
+    assert (tmp_path / "final.json").stat().st_mode & 0o777 == 0o666 & ~umask
+    assert (tmp_path / "final.json").stat().st_mode & 0o777 == (tmp_path / "plain.txt").stat().st_mode & 0o777

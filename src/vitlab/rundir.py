@@ -87,6 +87,10 @@ def check_output_dir(path: Path) -> None:
             raise OutputError(f"cannot write into {path}: the output directory {existing} {why}", err.errno) from err
 
 
+_UMASK = os.umask(0o022)  # read it (the only way), then put it back
+os.umask(_UMASK)
+
+
 def _atomic_write(path: Path, write: Callable[[BinaryIO], None], failures=(OSError,)) -> None:
     """``write(f)`` into a temporary file in the same folder, fsync, rename: a reader never sees half a
     file, and nothing is left behind on failure. Our own file object, closed (its blocks freed once
@@ -96,6 +100,7 @@ def _atomic_write(path: Path, write: Callable[[BinaryIO], None], failures=(OSErr
     tmp = None
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp's 0600 would hide results from the rest of a lab's group
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
