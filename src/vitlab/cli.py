@@ -162,10 +162,11 @@ def _refuse_existing_run(out: Path) -> None:
         raise ValueError(f"{out} already holds a finished run; use --out elsewhere, --force, or --resume")
     if (out / "config.yaml").exists() or any((out / "checkpoints").glob("*.pt")):
         try:
-            state = f" ({rundir.read_json(out / 'status.json')['status']})"
-        except (OSError, ValueError, AttributeError, KeyError, TypeError):
-            state = ""
-        raise ValueError(f"{out} holds an unfinished run{state.replace(' (finished)', '')}; use --resume {out} to continue it, --force "
+            status = rundir.read_json(out / "status.json")["status"]
+        except (OSError, ValueError, KeyError, TypeError):  # no status (yet), or not one we wrote
+            status = None
+        state = f" ({status})" if status and status != "finished" else ""  # finished without final.json: unfinished
+        raise ValueError(f"{out} holds an unfinished run{state}; use --resume {out} to continue it, --force "
                          f"to start over, or another --out")
 
 
