@@ -173,9 +173,10 @@ def run_compare(exp: Experiment, out: Path, *, extra: Optional[List[str]] = None
     todo = []
     for spec in specs:  # every run's config, the one `vitlab report` checks the run against
         run, cfg_file = out / "runs" / spec.name, out / "configs" / f"{spec.name}.yaml"
-        if not cfg_file.is_file():
+        launch = _action(spec.name, run_state(run), in_flight, retry_failed) in ("run", "resume")
+        if launch or not cfg_file.is_file():  # a run launched now trains from this very file
             rundir.atomic_write_text(cfg_file, dump_yaml(spec.config))
-        if _action(spec.name, run_state(run), in_flight, retry_failed) in ("run", "resume"):
+        if launch:
             todo.append((spec, run, cfg_file))
     if launcher != "local":
         return _run_jobs(specs, todo, in_flight, out, launcher, cluster, jobs, threads, wait, log, poll_s, procs)

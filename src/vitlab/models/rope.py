@@ -70,7 +70,8 @@ class RopeMixed(QKPE):
         super().__init__(head_dim=head_dim, num_heads=num_heads, ndim=ndim, layer=layer, depth=depth)
         if head_dim % (2 * ndim):
             raise ValueError(f"rope_mixed needs head_dim divisible by {2 * ndim} in {ndim}D, got {head_dim}")
-        self.freqs = nn.Parameter(mixed_init(head_dim, num_heads, ndim, frequency_base("rope_mixed", "theta", theta)))  # (H, ndim, d/2)
+        theta = frequency_base("rope_mixed", "theta", theta)
+        self.freqs = nn.Parameter(mixed_init(head_dim, num_heads, ndim, theta))  # (H, ndim, d/2)
 
     def forward(self, q, k, grid):
         angles = coords_dot(grid.coords, self.freqs)  # (H, N_patch, d/2)

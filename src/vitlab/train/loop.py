@@ -219,7 +219,7 @@ def train_run(cfg: RunConfig, out_dir: Path, *, resume: bool = False, progress: 
 
     # ---- data: uint8 tensors, one stratified split shared by every arm (data.split_seed)
     bundle = load_dataset(d_cfg.name, d_cfg.root, limit=d_cfg.limit, seed=d_cfg.split_seed, **d_cfg.source_options())
-    present = sorted(set(bundle.train.labels.tolist()))
+    present = bundle.train.labels.unique().tolist()
     if len(present) < 2:  # training would "succeed" at 100% accuracy and report no AUROC
         where = f" under {d_cfg.root}" if d_cfg.root else ""
         found = f"only class {bundle.train.classes[present[0]]!r}" if present else "no images"
