@@ -68,3 +68,35 @@ def test_grey_data_for_a_colour_model_and_back():
     assert torch.equal(match_channels(rgb, 1), grey)
     with pytest.raises(ValueError, match="4-channel data"):
         match_channels(torch.zeros(1, 4, 2, 2, dtype=torch.uint8), 3)
+
+
+@pytest.mark.parametrize("policy", ["randaugment", "autoaugment"])
+def test_library_transforms_draw_from_a_private_stream(policy):
+    """torchvision's policies and timm's RandomErasing / MixUp draw from the global generators, which a
+    model's dropout draws from too. Two arms of a comparison, one with dropout, must still see the
+    same augmented batches for a seed; and augmenting must not move the model's generators."""
+    import random
+
+    import numpy as np
+
+    def make():
+        return BatchAugment(mean=torch.tensor([0.5] * 3), std=torch.tensor([0.25] * 3), num_classes=4, hflip=True,
+                            crop_pad=2, cutmix=1.0, mixup=0.8, random_erasing=0.5, auto_augment=policy, seed=3)
+
+    x = torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8)
+    y = torch.arange(8) % 4
+    quiet, busy = make(), make()
+    torch.manual_seed(0)
+    for step in range(3):
+        before = (torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy())
+        xq, yq = quiet(x, y)
+        assert torch.equal(torch.get_rng_state(), before[0]) and random.getstate() == before[1]
+        assert np.array_equal(np.random.get_state()[1], before[2])
+        torch.nn.functional.dropout(torch.ones(1000), 0.1)  # the other arm's dropout, between its batches
+        random.random(), np.random.rand()
+        xb, yb = busy(x, y)
+        assert torch.equal(xq, xb) and torch.equal(yq, yb), f"step {step}"
+    resumed = make()  # a checkpoint's state continues the same stream
+    resumed.set_state(quiet.get_state())
+    assert torch.equal(quiet(x, y)[0], resumed(x, y)[0])
+    assert not torch.equal(quiet(x, y)[0], make()(x, y)[0])  # and the stream does move on

@@ -6,7 +6,10 @@ torchvision's v2 transforms draw one set of random parameters per call, i.e. per
 a batch; flips and crops need a draw per image, so those two are written here as vectorised ops.
 MixUp/CutMix and RandomErasing come from timm, which already works per sample on batches;
 AutoAugment/RandAugment are torchvision's v2 policies, applied image by image (uint8, before
-normalisation) because a policy draws one operation per call.
+normalisation) because a policy draws one operation per call. Those library transforms draw from
+the global generators, which the model's dropout draws from too; they run on a private stream
+(:class:`~vitlab.train.rng.PrivateStream`), so every arm of a comparison sees the same augmented
+batches for a seed whatever its dropout.
 """
 from __future__ import annotations
 
@@ -14,6 +17,8 @@ from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+
+from .rng import PrivateStream
 
 
 def random_flip(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -78,6 +83,7 @@ class BatchAugment:
         self.affine = (affine_degrees, affine_translate, tuple(affine_scale))
         self.use_affine = affine_degrees > 0 or affine_translate > 0 or tuple(affine_scale) != (1.0, 1.0)
         self.gen = torch.Generator(device="cpu").manual_seed(seed)
+        self.stream = PrivateStream(seed + 104729)  # for the library transforms below
         self.mix = None
         if mixup > 0 or cutmix > 0:
             from timm.data import Mixup
@@ -120,12 +126,26 @@ class BatchAugment:
         if self.crop_pad and x.dim() == 4:
             x = random_crop(x, self.crop_pad, self.gen)
         if self.policy is not None and x.dim() == 4:
-            x = torch.stack([self.policy(img) for img in x])  # one policy draw per image (uint8)
+            with self.stream.use():
+                x = torch.stack([self.policy(img) for img in x])  # one policy draw per image (uint8)
         x = self.normalize(x)
         if self.use_affine and x.dim() == 4:
             x = random_affine(x, *self.affine, self.gen)
-        if self.erase is not None:
-            x = self.erase(x)
-        if self.mix is not None and x.shape[0] % 2 == 0:
-            x, y = self.mix(x, y)
+        if self.erase is not None or (self.mix is not None and x.shape[0] % 2 == 0):
+            with self.stream.use():
+                if self.erase is not None:
+                    x = self.erase(x)
+                if self.mix is not None and x.shape[0] % 2 == 0:
+                    x, y = self.mix(x, y)
         return x, y
+
+    def get_state(self) -> dict:
+        """Where its random draws stand, for a checkpoint (:meth:`set_state` restores it)."""
+        return {"gen": self.gen.get_state(), "stream": self.stream.state}
+
+    def set_state(self, state) -> None:
+        if isinstance(state, torch.Tensor):  # a checkpoint from before the private stream
+            self.gen.set_state(state)
+            return
+        self.gen.set_state(state["gen"])
+        self.stream.state = state["stream"]

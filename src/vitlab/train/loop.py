@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import random
 import signal
 import sys
 import threading
@@ -31,15 +30,10 @@ from . import distributed
 from .build import build_model, param_groups
 from .distributed import DistInfo
 from .feed import make_feed
+from .rng import rng_state, seed_everything, set_rng_state
 
 #: what a training checkpoint (``last.pt``) holds besides the weights; resume needs all of it
 RESUME_KEYS = ("model", "optimizer", "scheduler", "run", "partial", "rng", "order_gen")
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def pick_device(name: str, dinfo: Optional[DistInfo] = None) -> torch.device:
@@ -118,26 +112,6 @@ class Interrupted(Exception):
 
 class Diverged(RuntimeError):
     pass
-
-
-def rng_state() -> dict:
-    """Every global RNG a run draws from, as plain data (loadable with ``weights_only=True``)."""
-    py = random.getstate()
-    npst = np.random.get_state()
-    return {"python": [py[0], list(py[1]), py[2]],
-            "numpy": [npst[0], torch.from_numpy(npst[1].astype(np.int64)), int(npst[2]), int(npst[3]), float(npst[4])],
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def set_rng_state(state: dict) -> None:
-    py = state["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    n = state["numpy"]
-    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), n[2], n[3], n[4]))
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 class SignalGuard:
@@ -302,7 +276,7 @@ def train_run(cfg: RunConfig, out_dir: Path, *, resume: bool = False, progress: 
             warnings.warn(f"resuming a {len(rngs)}-process run with {dinfo.world}: the random streams differ")
         rng = rngs[min(dinfo.rank, len(rngs) - 1)]
         set_rng_state(rng["global"])
-        augment.gen.set_state(rng["augment"])
+        augment.set_state(rng["augment"])
         order_gen.set_state(state["order_gen"])
         if main:  # drop metrics lines written after this checkpoint (they will be written again)
             kept = read_metrics(out_dir / "metrics.jsonl", run["epoch"])
@@ -321,7 +295,7 @@ def train_run(cfg: RunConfig, out_dir: Path, *, resume: bool = False, progress: 
     distributed.require_shared(dinfo, out_dir / "status.json")  # each rank reads the checkpoints later
 
     def checkpoint(name: str, partial_state: Optional[dict]) -> None:
-        rng = {"global": rng_state(), "augment": augment.gen.get_state()}
+        rng = {"global": rng_state(), "augment": augment.get_state()}
         rngs = distributed.gather_objects(dinfo, rng)
         if main:
             rundir.save_checkpoint(ckpt_dir / f"{name}.pt", {
