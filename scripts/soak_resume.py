@@ -21,7 +21,7 @@ SMALL = ["data.name=synthetic", "data.options.num_classes=4", "data.options.img_
          "train.checkpoint_every_min=0.002", "train.eval_batch_size=128"]
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     ap.add_argument("--kills", type=int, default=20)
     ap.add_argument("--runs", type=int, default=0, help="killed runs to spread the kills over (default: one per kill)")
     ap.add_argument("--seed", type=int, default=0)

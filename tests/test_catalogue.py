@@ -67,6 +67,8 @@ def test_mixed_plus_learned_combines():
 def test_every_size_preset_validates(size):
     cfg = vitlab.models.make_config(size)
     assert cfg.dim % cfg.heads == 0
+    for qk in QK:  # every q/k PE fits every shipped size (the volume size's 3D split of head_dim/2 included)
+        assert vitlab.models.make_config(size, qk_pe=qk).qk_pe == qk
 
 
 def test_study_shapes():

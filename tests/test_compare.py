@@ -1,14 +1,17 @@
 """Comparisons: a tiny two-arm, two-seed experiment end to end; resume skips finished runs; the
 statistics against scipy's own; bad experiments are one-line errors."""
 import json
+import warnings
 
 import numpy as np
 import pytest
+import torch
 from scipy import stats
 
 import browser
 from vitlab.cli import main
 from vitlab.compare import load_experiment, run_compare
+from vitlab.compare.report import ranking_table
 from vitlab.compare.stats import mean_ci, paired_test, summarize
 
 EXP = """
@@ -51,12 +54,15 @@ def test_two_arm_two_seed_comparison_end_to_end_and_resume(tmp_path, capsys):
     assert "sweeps.png" not in report  # no numeric option varies in this experiment
     assert "## Per-class AUROC" in report and "| 8 px | 12 px | 16 px (trained) | 20 px | 24 px |" in report
     page = (out / "report.html").read_text()
-    assert page.count("data:image/png;base64,") == len(figs) and page.count("<table>") == 4
+    assert "## Arms" in report and "| none (baseline) | `model.qk_pe=none` |" in report
+    assert "Not the PE or the kernel alone" not in report and "Not an equal-training" not in report
+    assert "| arm | params | MFLOPs / image | epochs |" in report and "CPU threads" not in report
+    assert page.count("data:image/png;base64,") == len(figs) and page.count("<table>") == 5
     assert "<td class='t'>rope_axial</td>" in page
     if browser.CHROMIUM:  # CI installs Debian's chromium (scripts/system-data.sh)
         seen = browser.rendered(out / "report.html", tmp_path)
         assert len(seen["imgs"]) == len(figs) and all(i and i[0] > 300 and i[1] > 200 for i in seen["imgs"])
-        assert seen["tables"][0] == [3, 9] and len(seen["tables"]) == 4  # ranking: header + 2 arms, 9 columns
+        assert seen["tables"][0] == [3, 9] and len(seen["tables"]) == 5  # ranking: header + 2 arms, 9 columns
         assert seen["h2"][0] == "Ranking (test accuracy (top-1))" and "ROC curves" in " ".join(seen["h2"])
         from PIL import Image
         shot = Image.open(browser.screenshot(out / "report.html", tmp_path / "shot.png", tmp_path)).convert("RGB")
@@ -81,6 +87,42 @@ def test_two_arm_two_seed_comparison_end_to_end_and_resume(tmp_path, capsys):
     exp_file.write_text(EXP.replace("seeds: 2", "seeds: 3"))
     assert main(["compare", str(exp_file), "--out", str(out), "--quiet"]) == 2
     assert "holds another experiment" in capsys.readouterr().err
+
+
+def test_report_says_what_makes_arms_unequal():
+    """The report names each arm's settings, arms that change the backbone as well as the PE, runs cut
+    short by the time limit (a slower arm trains less), mixed CPU thread counts, and each arm's own
+    training size in the resolution table."""
+    from vitlab.compare.report import arms_lines, cut_short_lines, resolution_table, threads_lines
+
+    def run(arm, seed, epochs=6, reason="", threads=1, size=16):
+        return {"name": f"{arm}-s{seed}", "arm": arm, "point": {}, "seed": seed,
+                "config": {"train": {"epochs": 6, "threads": threads}},
+                "final": {"epochs": epochs, "reason": reason, "model": {"img_size": [size, size]},
+                          "resolution_images": 8,
+                          "resolution": [{"img_size": [h, h], "acc1": 0.5} for h in (8, 16, 32)]}}
+
+    even = [run("none", 0), run("pope_diff", 0)]
+    assert cut_short_lines(even) == [] and threads_lines(even) == []
+    cut = [run("none", 0), run("pope_diff", 0, 4, "time limit of 0.05 min reached in epoch 5", threads=2)]
+    text = " ".join(cut_short_lines(cut))
+    assert "Not an equal-training comparison" in text and "pope_diff-s0 (4/6 epochs)" in text and "none-s0" not in text
+    assert "different numbers of CPU threads (1, 2" in " ".join(threads_lines(cut))
+    manifest = {"baseline": "none", "arms": {"none": {"model.qk_pe": "none"},
+                                             "pope_diff": {"model.qk_pe": "pope", "model.attn": "differential",
+                                                           "model.qk_pe_kwargs.theta": 50, "model.dim": 64}}}
+    arms = "\n".join(arms_lines(manifest))
+    assert "| none (baseline) | `model.qk_pe=none` |" in arms and "`model.dim=64`" in arms
+    assert "pope_diff also sets `model.dim`." in arms  # the PE/kernel keys and their options are not flagged
+    plain = {"arms": {"a": {"model.qk_pe": "pope", "model.qk_pe_kwargs.theta": 50}, "b": {"model.attn": "eager",
+                                                                                          "model.attn_kwargs.check": True}},
+             "baseline": "a"}
+    assert "Not the PE" not in "\n".join(arms_lines(plain))
+    same = "\n".join(resolution_table({"finished": even}, ["none", "pope_diff"]))
+    assert "Trained at 16 px" in same and "16 px (trained)" in same and "*" not in same
+    mixed = "\n".join(resolution_table({"finished": [run("none", 0), run("big", 0, size=32)]}, ["none", "big"]))
+    assert "none 16 px, big 32 px" in mixed and "(trained)" not in mixed
+    assert "| none | 0.5000 | 0.5000 * | 0.5000 |" in mixed and "| big | 0.5000 | 0.5000 | 0.5000 * |" in mixed
 
 
 def test_failed_runs_are_listed_not_dropped(tmp_path):
@@ -108,6 +150,43 @@ def test_statistics_against_scipy():
     assert close["verdict"] == "tie"
     rows = summarize({"base": b, "arm": a}, "base")
     assert [r["group"] for r in rows] == ["arm", "base"] and rows[1]["verdict"] == "baseline"
+
+
+def test_equal_paired_differences_use_the_exact_sign_test():
+    """Accuracies are whole numbers of test images: an arm exactly one image behind on every seed has
+    no spread in its differences, t is infinite and scipy's p is 0. That is no evidence of a
+    difference: the exact sign test says p = 2/2^n (0.25 for 3 seeds; 6 seeds to reach 0.05)."""
+    base = {0: 124 / 256, 1: 152 / 256, 2: 151 / 256}
+    behind = {s: v - 1 / 256 for s, v in base.items()}
+    with warnings.catch_warnings():  # scipy warns of the degenerate case, then says p = 0
+        warnings.simplefilter("ignore")
+        assert stats.ttest_rel(list(behind.values()), list(base.values())).pvalue == 0
+    t = paired_test(behind, base)
+    assert t["test"] == "sign" and t["p"] == pytest.approx(0.25) and t["verdict"] == "tie"
+    assert t["diff"] == pytest.approx(-1 / 256)
+    six = {s: 0.5 + 0.01 * s for s in range(6)}
+    t6 = paired_test({s: v + 0.002 for s, v in six.items()}, six)
+    assert t6["p"] == pytest.approx(2 / 2**6) and t6["verdict"] == "better"
+    f32 = {s: float(np.float32(v)) for s, v in behind.items()}  # as final.json stored them before float64
+    assert paired_test(f32, {s: float(np.float32(v)) for s, v in base.items()})["test"] == "sign"
+    noise = paired_test({s: v + 1e-7 for s, v in base.items()}, base)  # rounding, not a difference
+    assert noise["p"] == 1.0 and noise["verdict"] == "tie"
+    assert paired_test({0: 0.9, 1: 0.8}, {0: 0.85})["verdict"] == "untested"  # one pair: nothing to test
+    rows = summarize({"base": base, "behind": behind, "same": dict(base), "one": {0: 0.99}}, "base")
+    text = "\n".join(ranking_table(rows, "acc1"))
+    assert "0.25 (sign test)" in text and "untested (1 seed paired with the baseline's)" in text
+    flat = {0: 0.5, 1: 0.5}
+    assert "n/a (all seeds equal)" in "\n".join(ranking_table(summarize({"a": flat, "b": {0: 0.4, 1: 0.6}}, "b"),
+                                                               "acc1"))
+
+
+def test_accuracy_is_an_exact_fraction():
+    from vitlab.eval.metrics import classification_metrics
+
+    labels = torch.arange(40) % 4
+    logits = torch.nn.functional.one_hot(labels, 4).float()
+    logits[:13] = torch.nn.functional.one_hot((labels[:13] + 1) % 4, 4).float()  # 13 wrong: 27/40 right
+    assert classification_metrics(logits, labels, 4)["acc1"] == 27 / 40 == 0.675
 
 
 def test_verdicts_use_p_values_adjusted_for_the_number_of_arms():
@@ -166,6 +245,10 @@ def test_dry_run_lists_every_run_and_what_would_happen_without_writing(tmp_path,
     assert main(["compare", "--dry-run", "--out", str(out)]) == 0
     assert capsys.readouterr().out.endswith("nothing trained or written: 2 to skip, 1 to resume, 21 to run\n")
     assert sorted(p for p in out.rglob("*")) == before  # nothing written
+    assert "time_limit_min" not in text  # the default study trains every arm its full epochs
+    assert main(["compare", "default", "train.time_limit_min=2", "--dry-run", "--out", str(tmp_path / "o2")]) == 0
+    said = capsys.readouterr()
+    assert "note: train.time_limit_min=2: a run that reaches it stops before its planned epochs" in said.out + said.err
     monkeypatch.setattr("shutil.which", lambda name: None)  # no sbatch: the launcher is checked too
     assert main(["compare", "--dry-run", "--out", str(out), "--launcher", "slurm"]) == 2
     assert "sbatch" in capsys.readouterr().err

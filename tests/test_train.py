@@ -81,6 +81,27 @@ def test_time_limit_stops_cleanly_and_evaluates(tmp_path):
     assert final["status"] == "finished" and "time limit" in final["reason"] and final["epochs"] < 50
 
 
+def test_eval_reproduces_final_json_of_a_bf16_deduplicated_run(tmp_path, capsys):
+    """vitlab eval scores the run's own test set (the split training made, dedupe included) in the
+    run's precision (bf16 autocast here): its numbers are final.json's. Before, eval rebuilt the split
+    without dedupe (a test set holding training images) and ran in fp32."""
+    run = tmp_path / "r"
+    final = train_run(syn_cfg("train.precision=bf16", "data.options.n_test=0", "data.dedupe=true", "train.epochs=1"),
+                      run, progress=False)
+    split = json.loads((run / "split.json").read_text())
+    assert split["leakage"]["removed"] > 0  # dedupe changed the split
+    assert main(["eval", str(run), "--json", "--device", "cpu"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["precision"] == "bf16" and res["test_size"] == len(split["test"])
+    assert res["acc1"] == final["acc1"] and res["loss"] == pytest.approx(final["loss"], abs=1e-6)
+    split["test"] = split["test"][1:]  # the data changed since training: eval would score other images
+    (run / "split.json").write_text(json.dumps(split))
+    assert main(["eval", str(run)]) == 2
+    assert "differs from the run's split.json" in capsys.readouterr().err
+    assert main(["eval", str(run), "--device", "meta"]) == 2
+    assert "--device='meta' is not a device vitlab runs on" in capsys.readouterr().err
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     with pytest.raises(RuntimeError, match="diverged"):
         train_run(syn_cfg("train.lr=1e30", "train.clip_grad=null", "train.warmup_epochs=0"), tmp_path / "r",

@@ -217,7 +217,7 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     from .train.evaluate import eval_run
 
-    result = eval_run(args.run_dir, args.overrides, checkpoint=args.checkpoint)
+    result = eval_run(args.run_dir, args.overrides, checkpoint=args.checkpoint, device=args.device)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -319,7 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("list", help="list every registered token PE, q/k PE, kernel and size preset")
+    s = sub.add_parser("list", help="list the catalogue (token PEs, q/k PEs, kernels, sizes) with each entry's "
+                                        "options, and the datasets, presets and studies")
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.set_defaults(func=cmd_list)
 
@@ -351,7 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("train", help="train one run: vitlab train PRESET_OR_YAML [section.key=value ...]")
     s.add_argument("config", nargs="?", help="a preset name from configs/ or a YAML file")
     s.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=3e-4 model.qk_pe=rope_mixed")
-    s.add_argument("--out", help="run directory (default runs/<preset>-<qk_pe>-s<seed>)")
+    s.add_argument("--out", help="run directory (default runs/<preset>-<model name>-<qk_pe>-s<seed>, e.g. "
+                                        "runs/fashion-mnist-quick-vit-rope_mixed-s1)")
     s.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
     s.add_argument("--force", action="store_true", help="overwrite a run (finished or not) in --out")
     s.add_argument("--quiet", action="store_true", help="no progress output")
@@ -361,6 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("run_dir")
     s.add_argument("overrides", nargs="*", help="data.* keys (another split/source) and model.img_size")
     s.add_argument("--checkpoint", default="best", choices=["best", "last"])
+    s.add_argument("--device", default="auto", help="auto (a GPU if there is one), cpu, cuda, cuda:N; the run's "
+                                                      "precision (final.json) is used, bf16 autocast included")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_eval)
 
@@ -369,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("experiment", nargs="?", help="a study's name (`vitlab list` shows them) or an experiment YAML "
                                                  "(base, arms, grid, seeds, baseline, metric, correction)")
     s.add_argument("overrides", nargs="*", help="dotted overrides applied to every run")
-    s.add_argument("--out", help="comparison directory (default runs/<experiment>)")
+    s.add_argument("--out", help="comparison directory (default runs/<experiment>; runs/default-study without one)")
     s.add_argument("--jobs", type=int, default=None, help="runs at once (default 1; each gets cores/jobs threads); "
                    "with --launcher slurm: the job array's parallelism (default: the scheduler's)")
     s.add_argument("--retry-failed", action="store_true", help="run failed runs again")
@@ -395,7 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=cmd_compare)
 
-    s = sub.add_parser("report", help="write report.md for a comparison directory")
+    s = sub.add_parser("report", help="write report.md, report.html and figures/ for a comparison directory")
     s.add_argument("dir")
     s.set_defaults(func=cmd_report)
 

@@ -154,18 +154,25 @@ def load_checkpoint(path: Path, need: Tuple[str, ...] = ("model",)) -> dict:
     except FileNotFoundError:
         raise FileNotFoundError(f"checkpoint not found: {path}") from None
     except pickle.UnpicklingError as err:  # weights_only refused a global: loading it would run code
-        first = ' '.join(str(err).split())
+        first = _first_sentence(err)
         if "Weights only load failed" in first or "global" in first.lower():
             raise ValueError(f"refusing to load {path}: it holds objects other than tensors and plain data "
                              f"(unpickling it could execute code); only vitlab checkpoints are loaded") from None
-        raise ValueError(f"cannot load checkpoint {path}: it is corrupt ({first[:200]})") from None
+        raise ValueError(f"cannot load checkpoint {path}: it is corrupt ({first})") from None
     except Exception as err:  # truncated or corrupt zip archive
-        raise ValueError(f"cannot load checkpoint {path}: truncated or corrupt "
-                         f"({' '.join(str(err).split())[:200]})") from None
+        raise ValueError(f"cannot load checkpoint {path}: truncated or corrupt ({_first_sentence(err)})") from None
     missing = [k for k in need if k not in state] if isinstance(state, dict) else list(need)
     if missing:
         raise ValueError(f"{path} is not a vitlab checkpoint (no {', '.join(repr(k) for k in missing)} in it)")
     return state
+
+
+def _first_sentence(err: BaseException, limit: int = 200) -> str:
+    """An exception's message on one line, to its first sentence (torch's loading errors go on for
+    several), never cut mid-word without saying so."""
+    text = " ".join(str(err).split())
+    text = text.split(". ")[0].rstrip(".")
+    return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + " ..."
 
 
 def set_status(run_dir: Path, status: str, reason: str = "") -> None:

@@ -18,7 +18,7 @@ from ..config import load_yaml_file
 from ..data.dedupe import leakage_line
 from .experiment import METRICS, check_folder_name
 from .runner import run_state
-from .stats import ALPHA, CORRECTIONS, adjust_p, mean_ci, summarize
+from .stats import ALPHA, CORRECTIONS, EQUAL, adjust_p, mean_ci, summarize
 
 METRIC_NAMES = {"acc1": "test accuracy (top-1)", "acc5": "test accuracy (top-5)", "auroc_macro": "test AUROC (macro, one-vs-rest)"}
 #: config keys a launcher sets per run: there a run's config.yaml may differ from the experiment's configs/NAME.yaml
@@ -132,6 +132,7 @@ def check_one_recipe(out: Path, manifest: dict, finished: List[dict]) -> None:
     first, first_cfg = None, None
     for r in finished:
         raw = _read_config(r["dir"] / "config.yaml", "cannot check that it shares the comparison's recipe")
+        r["config"] = raw  # for the report's notes (planned epochs, threads)
         cfg = {k: v for k, v in _flat({s: raw.get(s, {}) for s in ("data", "train", "eval")}).items()
                if k not in free and not any(k.startswith(f + ".") for f in free)}
         if first_cfg is None:
@@ -191,11 +192,17 @@ def ranking_table(rows: List[dict], metric: str) -> List[str]:
     lines = [f"| rank | arm | n | {metric} mean ± std | 95% CI | Δ vs baseline | p | p adj. | verdict |",
              "|---:|---|---:|---|---|---:|---:|---:|---|"]
     for i, r in enumerate(rows, 1):
-        spread = (f"{_fmt(r['mean'])} ± {_fmt(r['std'])} | [{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}]" if r["n"] > 1
-                  else f"{_fmt(r['mean'])} | n/a")
-        verdict = r["verdict"] if r["n"] > 1 or r["verdict"] == "baseline" else "tie (one seed: untested)"
+        ci = (f"[{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}]" if r["std"] > EQUAL
+              else "n/a (all seeds equal)")  # a zero-width interval from 2-3 seeds claims a certainty they lack
+        spread = f"{_fmt(r['mean'])} ± {_fmt(r['std'])} | {ci}" if r["n"] > 1 else f"{_fmt(r['mean'])} | n/a"
+        verdict = r["verdict"]
+        if verdict == "":
+            verdict = "untested (no finished baseline run)"
+        elif verdict == "untested":
+            verdict = f"untested ({r['pairs']} seed{'s' * (r['pairs'] != 1)} paired with the baseline's)"
+        p = _fmt(r["p"], ".3g") + (" (sign test)" if r.get("test") == "sign" else "")
         lines.append(f"| {i} | {r['group']} | {r['n']} | {spread} | {_fmt(r['diff'], '+.4f')} | "
-                     f"{_fmt(r['p'], '.3g')} | {_fmt(r['p_adj'], '.3g')} | {verdict} |")
+                     f"{p} | {_fmt(r['p_adj'], '.3g')} | {verdict} |")
     return lines
 
 
@@ -263,6 +270,7 @@ def report_lines(out: Path, data: dict, stage: Path) -> List[str]:
                   f"{', '.join('`' + k + '`' for k in m['arm_recipe_keys'])}.", ""]
     if data["finished"][0]["split"] is not None:
         lines += [leakage_line(data["finished"][0]["split"]), ""]
+    lines += cut_short_lines(data["finished"]) + threads_lines(data["finished"])
     correction = m.get("correction", "holm")
     tests = sum(r["p"] is not None for r in rows)
     adjusted = (f"The p-values of the {tests} test{'s' * (tests != 1)} are adjusted for their number by "
@@ -272,13 +280,16 @@ def report_lines(out: Path, data: dict, stage: Path) -> List[str]:
                 f"{ALPHA} are called ties")
     lines += [f"## Ranking ({METRIC_NAMES.get(metric, metric)})", "",
               f"Mean ± sample std over seeds, 95% t-interval of the mean, and a two-sided paired t-test "
-              f"against the baseline arm (at the same grid point), paired by seed (scipy `ttest_rel`). "
+              f"against the baseline arm (at the same grid point), paired by seed (scipy `ttest_rel`; where "
+              f"every paired difference is the same, t is undefined and the exact sign test is used instead, "
+              f"scipy `binomtest`: p = 0.25 for 3 seeds all on one side). "
               f"{adjusted}: the seeds do not support ranking them.", "", *ranking_table(rows, metric)]
     lines += ["", "## Cost and other metrics", "",
               "Mean over seeds. FLOPs of one forward pass per image; train img/s over the whole training; inference "
               "ms per evaluation batch (the run's `eval_batch_size`).", "",
-              "| arm | params | MFLOPs / image | train img/s | infer ms / batch | wall s / run | acc1 | acc5 | AUROC (macro) |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "| arm | params | MFLOPs / image | epochs | train img/s | infer ms / batch | wall s / run | acc1 | acc5 | "
+              "AUROC (macro) |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name in order:
         fs = [r["final"] for r in by_group[name]]
 
@@ -287,9 +298,10 @@ def report_lines(out: Path, data: dict, stage: Path) -> List[str]:
             return sum(vals) / len(vals) if vals else None
 
         lines.append(f"| {name} | {fs[0]['params']:,} | {_fmt(fs[0]['flops'] / 1e6, '.1f')} | "
-                     f"{_fmt(mean('train_images_per_s'), '.0f')} | {_fmt(mean('infer_ms_per_batch'), '.1f')} | "
+                     f"{_fmt(mean('epochs'), '.3g')} | {_fmt(mean('train_images_per_s'), '.0f')} | {_fmt(mean('infer_ms_per_batch'), '.1f')} | "
                      f"{_fmt(mean('seconds'), '.0f')} | {_fmt(mean('acc1'))} | {_fmt(mean('acc5'))} | "
                      f"{_fmt(mean('auroc_macro'))} |")
+    lines += ["", *arms_lines(m)]
     if data["others"]:
         lines += ["", "## Runs not finished", "", "Listed, never dropped: they count in no table above.", "",
                   "| run | state | reason |", "|---|---|---|"]
@@ -297,6 +309,64 @@ def report_lines(out: Path, data: dict, stage: Path) -> List[str]:
     lines += auroc_table(data, order)
     lines += resolution_table(data, order)
     return lines + figures(stage, data, order)
+
+
+#: the model keys that choose the positional encodings and the attention kernel (and their options):
+#: what a comparison is about. An arm that sets another model key changes the backbone too.
+PE_KEYS = ("model.token_pe", "model.qk_pe", "model.attn")
+
+
+def _pe_key(key: str) -> bool:
+    return any(key == k or key.startswith(f"{k}_kwargs") for k in PE_KEYS)
+
+
+def arms_lines(manifest: dict) -> List[str]:
+    """What each arm sets on top of the base config, and which arms change more than the PE/kernel."""
+    arms = manifest.get("arms") or {}
+    if not arms:
+        return []
+    lines = ["## Arms", "", "What each arm sets on top of the base config (and the experiment's overrides); "
+             "everything else is the same for every arm.", "", "| arm | sets |", "|---|---|"]
+    for name, keys in arms.items():
+        sets = ", ".join(f"`{k}={v}`" for k, v in keys.items()) or "nothing (the base config)"
+        lines.append(f"| {name}{' (baseline)' if name == manifest['baseline'] else ''} | {sets} |")
+    more = {name: [k for k in keys if not _pe_key(k)] for name, keys in arms.items()}
+    more = {name: keys for name, keys in more.items() if keys}
+    if more:
+        lines += ["", "**Not the PE or the kernel alone:** " + "; ".join(
+            f"{name} also sets {', '.join('`' + k + '`' for k in keys)}" for name, keys in more.items())
+                  + ". A difference these arms show is not the positional encoding's or the attention kernel's "
+                    "alone."]
+    return lines
+
+
+def cut_short_lines(finished: List[dict]) -> List[str]:
+    """A warning when finished runs stopped at ``train.time_limit_min`` before their planned epochs:
+    the arms then did not train equally (a slower arm trains less), and where the limit falls depends
+    on the machine's speed, so those runs do not reproduce exactly."""
+    cut = [r for r in finished if str(r["final"].get("reason") or "").startswith("time limit")]
+    if not cut:
+        return []
+    planned = {r["name"]: (r.get("config") or {}).get("train", {}).get("epochs") for r in cut}
+    runs = ", ".join(f"{r['name']} ({r['final'].get('epochs')}/{planned[r['name']] or '?'} epochs)" for r in cut)
+    return [f"**Not an equal-training comparison:** {len(cut)} of {len(finished)} finished runs stopped at the time "
+            f"limit (`train.time_limit_min`) before their planned epochs: {runs}. Those arms trained less than the "
+            f"others, so the ranking compares them at equal wall-clock time on this machine, not at equal "
+            f"training, and where the limit fell depends on the machine's speed (the runs do not reproduce "
+            f"exactly). Rerun with `train.time_limit_min=null` for an equal-training comparison.", ""]
+
+
+def threads_lines(finished: List[dict]) -> List[str]:
+    """A note when the runs used different numbers of CPU threads (``vitlab compare`` sets them from
+    ``--jobs``): floating-point sums then run in another order, so results differ in the last bits
+    (more under bf16) from what the same seed gives with another count."""
+    counts = sorted({(r.get("config") or {}).get("train", {}).get("threads", 0) for r in finished}, key=str)
+    if len(counts) < 2:
+        return []
+    shown = ", ".join("torch's default" if not c else str(c) for c in counts)
+    return [f"The runs used different numbers of CPU threads ({shown}; `vitlab compare` sets them from `--jobs`): "
+            f"results depend on it in the last digits, so a run reproduces exactly only with its own count "
+            f"(`train.threads` in its config.yaml).", ""]
 
 
 def _classes(data: dict) -> List[str]:
@@ -339,19 +409,27 @@ def resolution_table(data: dict, order: List[str]) -> List[str]:
         return []
     heights = sorted({h for c in curves.values() for h in c})
     n = data["finished"][0]["final"].get("resolution_images")
-    trained = data["finished"][0]["final"].get("model", {}).get("img_size")
-    trained_h = trained[0] if isinstance(trained, list) else trained
+    trained = {}  # each arm's training height: arms may differ in model.img_size
+    for r in data["finished"]:
+        size = r["final"].get("model", {}).get("img_size")
+        trained.setdefault(group_name(r), size[0] if isinstance(size, list) else size)
+    one = len(set(trained.values())) == 1
+    where = (f"Trained at {next(iter(trained.values()))} px" if one else
+             "Trained at different sizes (* marks each arm's): " + ", ".join(
+                 f"{name} {trained[name]} px" for name in order if name in trained))
     lines = ["", "## Resolution extrapolation (test accuracy at other image sizes, mean over seeds)", "",
-             f"Trained at {trained_h} px; evaluated without retraining on the first {n} test images resized to each "
+             f"{where}; evaluated without retraining on the first {n} test images resized to each "
              f"size (relative PEs read the new grid, learned tables are resized, sincos recomputed). "
              f"Blank: the model cannot take that size.", "",
-             "| arm | " + " | ".join(f"{h} px" + (" (trained)" if h == trained_h else "") for h in heights) + " |",
+             "| arm | " + " | ".join(f"{h} px" + (" (trained)" if one and (h,) == tuple(set(trained.values())) else "")
+                                    for h in heights) + " |",
              "|---|" + "---:|" * len(heights)]
     for name in order:
         cells = []
         for h in heights:
             vals = [v for v in curves.get(name, {}).get(h, []) if v is not None]
-            cells.append(_fmt(mean_ci(vals)["mean"]) if vals else "")
+            mark = " *" if not one and h == trained.get(name) else ""
+            cells.append(_fmt(mean_ci(vals)["mean"]) + mark if vals else "")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines
 

@@ -1,5 +1,5 @@
 """Statistics over seeds: mean, sample std, 95% t-interval, paired t-test against the baseline
-(paired by seed), through scipy; the p-values of a comparison's several tests adjusted for their
+(paired by seed; an exact sign test where every paired difference is the same), through scipy; the p-values of a comparison's several tests adjusted for their
 number through statsmodels."""
 from __future__ import annotations
 
@@ -10,6 +10,9 @@ import numpy as np
 from scipy import stats
 
 ALPHA = 0.05
+#: metric values (accuracies, AUROC: all in [0, 1]) closer than this are equal: float32-stored results
+#: carry ~1e-7 of rounding, and no test set is large enough for a real difference this small
+EQUAL = 1e-6
 #: multiple-comparison corrections an experiment may ask for (``correction:``): statsmodels
 #: ``multipletests`` methods, and ``none``
 CORRECTIONS = {"holm": "Holm's step-down method, which controls the family-wise error rate",
@@ -30,17 +33,26 @@ def mean_ci(values: List[float], level: float = 0.95) -> dict:
 
 def paired_test(arm: Dict[int, float], base: Dict[int, float]) -> dict:
     """Two-sided paired t-test over the seeds both have. ``verdict``: better / worse at p < 0.05,
-    else tie (also when fewer than 2 pairs: not enough evidence to rank)."""
+    else tie; ``untested`` with fewer than 2 pairs (nothing to test).
+
+    Where every paired difference is the same (common: accuracies are whole numbers of test images,
+    so an arm one image behind on each of 3 seeds), the t statistic is infinite and scipy's p is 0,
+    which would call a one-image difference significant. There the test is the exact two-sided sign
+    test (scipy ``binomtest``) instead: the differences' signs alone, p = 2 / 2^n for n pairs all
+    on one side (0.25 for 3 seeds), so it takes 6 seeds to reach p < 0.05."""
     seeds = sorted(set(arm) & set(base))
     if len(seeds) < 2:
-        return {"pairs": len(seeds), "diff": None, "p": None, "verdict": "tie"}
-    a, b = np.array([arm[s] for s in seeds]), np.array([base[s] for s in seeds])
-    diff = float((a - b).mean())
-    if np.allclose(a - b, (a - b)[0]):  # identical differences: the t statistic is undefined
-        p = 0.0 if diff != 0 else 1.0
+        return {"pairs": len(seeds), "diff": None, "p": None, "test": None, "verdict": "untested"}
+    a, b = np.array([arm[s] for s in seeds], dtype=float), np.array([base[s] for s in seeds], dtype=float)
+    d = a - b
+    diff = float(d.mean())
+    if np.ptp(d) <= EQUAL:  # equal differences (to rounding): t is undefined
+        nonzero = d[np.abs(d) > EQUAL]
+        p = float(stats.binomtest(int((nonzero > 0).sum()), len(nonzero)).pvalue) if len(nonzero) else 1.0
+        test = "sign"
     else:
-        p = float(stats.ttest_rel(a, b).pvalue)
-    return {"pairs": len(seeds), "diff": diff, "p": p, "verdict": _verdict(p, diff)}
+        p, test = float(stats.ttest_rel(a, b).pvalue), "t"
+    return {"pairs": len(seeds), "diff": diff, "p": p, "test": test, "verdict": _verdict(p, diff)}
 
 
 def _verdict(p: float, diff: float) -> str:
@@ -79,7 +91,7 @@ def summarize(groups: Dict[str, Dict[int, float]], baseline: Optional[str], metr
         if baseline is not None and baseline in groups and name != baseline:
             row.update(paired_test(by_seed, groups[baseline]))
         else:
-            row.update(pairs=None, diff=None, p=None, verdict="baseline" if name == baseline else "")
+            row.update(pairs=None, diff=None, p=None, test=None, verdict="baseline" if name == baseline else "")
         rows.append(row)
     adjust_p(rows, correction)
     return sorted(rows, key=lambda r: -r["mean"] if not math.isnan(r["mean"]) else math.inf)

@@ -19,6 +19,6 @@ SIZES: dict[str, dict] = {
     "pope-mri": dict(img_size=224, patch_size=16, in_chans=3, dim=512, depth=6, heads=8, mlp_ratio=4.0,
                      patch_proj="linear", pool="mean", num_cls=1),
     # Volumetric encoder: 256x256x64 volumes, 16x16x4 patches, factorised learned 3D table.
-    "volume": dict(img_size=(256, 256, 64), patch_size=(16, 16, 4), in_chans=1, dim=384, depth=12, heads=6,
+    "volume": dict(img_size=(256, 256, 64), patch_size=(16, 16, 4), in_chans=1, dim=384, depth=12, heads=4,
                    mlp_ratio=4.0, token_pe="learned3d"),
 }

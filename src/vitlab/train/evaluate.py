@@ -1,6 +1,7 @@
 """``vitlab eval``: re-evaluate a finished run's checkpoint on another split or image size."""
 from __future__ import annotations
 
+import json
 from contextlib import nullcontext
 from pathlib import Path
 from typing import List, Optional
@@ -14,11 +15,11 @@ from ..eval.metrics import classification_metrics
 from .augment import BatchAugment
 from .build import build_model
 from .feed import make_feed
-from .loop import predict
+from .loop import pick_device, predict
 
 
 def eval_run(run_dir: str, overrides: Optional[List[str]] = None, *, checkpoint: str = "best",
-             img_size=None, device: str = "cpu") -> dict:
+             img_size=None, device: str = "auto") -> dict:
     """Metrics of ``run_dir``'s checkpoint. ``overrides`` may change ``data.*`` (another source or
     split) and ``model.img_size`` (evaluate at another resolution: inputs are resized, the model
     reads the new grid — relative PEs use new coordinates, learned tables are resized)."""
@@ -27,6 +28,7 @@ def eval_run(run_dir: str, overrides: Optional[List[str]] = None, *, checkpoint:
     run = Path(run_dir)
     if not (run / "config.yaml").is_file():
         raise FileNotFoundError(f"{run}: no config.yaml (not a vitlab run directory)")
+    dev = pick_device(device, what="--device")
     raw = read_yaml(str(run / "config.yaml"))
     extra = parse_overrides(overrides or [])
     bad = sorted(set(extra) - {"data", "model"}) + sorted(set(extra.get("model", {})) - {"img_size"})
@@ -40,7 +42,10 @@ def eval_run(run_dir: str, overrides: Optional[List[str]] = None, *, checkpoint:
 
     d = cfg.data
     bundle = load_dataset(d.name, d.root, limit=d.limit, seed=d.split_seed, **d.source_options())
-    split = make_splits(bundle, val_fraction=d.val_fraction, seed=d.split_seed)
+    split = make_splits(bundle, val_fraction=d.val_fraction, seed=d.split_seed, dedupe=d.dedupe,
+                        dedupe_threshold=d.dedupe_threshold, check_leakage=False)  # the split training made
+    if not set(extra.get("data", {})) - {"root", "workers"}:  # the run's data (perhaps another copy of it)
+        _check_split(run, split)
     test = bundle.test if split["test"] is None else bundle.train.subset(split["test"])
     num_classes = len(bundle.train.classes)
     data_size = tuple(test.item_shape[1:])
@@ -48,7 +53,6 @@ def eval_run(run_dir: str, overrides: Optional[List[str]] = None, *, checkpoint:
     model, mcfg = build_model(cfg, in_chans=test.item_shape[0], num_classes=num_classes,
                               img_size=tuple(trained["img_size"]) if "img_size" in trained else data_size)
     model.load_state_dict(state["ema"] if state.get("ema") is not None else state["model"])
-    dev = torch.device(device)
     model.to(dev).eval()
     size = mcfg.get("img_size") or data_size
     if new_size is not None or asked:
@@ -63,7 +67,42 @@ def eval_run(run_dir: str, overrides: Optional[List[str]] = None, *, checkpoint:
     aug = BatchAugment(mean=torch.tensor(norm["mean"]), std=torch.tensor(norm["std"]), num_classes=num_classes,
                        img_size=size if size != data_size else None, channels=mcfg.get("in_chans"), device=dev)
     feed = make_feed(test, dev, d.workers, cfg.train.seed)
-    logits = predict(model, feed, aug, cfg.train.eval_batch_size, nullcontext)
+    precision = _trained_precision(run, cfg, dev)
+    autocast = (lambda: torch.autocast(dev.type, dtype=torch.bfloat16)) if precision == "bf16" else nullcontext
+    logits = predict(model, feed, aug, cfg.train.eval_batch_size, autocast)
     metrics = classification_metrics(logits, test.labels, num_classes)
-    metrics.update(img_size=list(size), test_size=len(feed), checkpoint=checkpoint)
+    metrics.update(img_size=list(size), test_size=len(feed), checkpoint=checkpoint, precision=precision,
+                   device=str(dev))
     return metrics
+
+
+def _trained_precision(run: Path, cfg, device: torch.device) -> str:
+    """The precision the run was evaluated in when it finished (final.json's ``precision``, what
+    ``auto`` resolved to on its device), so that eval reproduces its numbers; else the config's."""
+    from .loop import resolve_precision
+
+    final = run / "final.json"
+    if final.is_file():
+        try:
+            recorded = json.loads(final.read_text()).get("precision")
+        except (ValueError, AttributeError):
+            recorded = None
+        if recorded in ("fp32", "bf16"):
+            return recorded
+    return resolve_precision(cfg.train.precision, device)
+
+
+def _check_split(run: Path, split: dict) -> None:
+    """The test set rebuilt here must be the run's (split.json): otherwise the data changed since
+    training (another copy, another version), and the numbers would be for other images."""
+    path = run / "split.json"
+    if not path.is_file():
+        return
+    try:
+        saved = json.loads(path.read_text())
+    except ValueError:
+        raise ValueError(f"{path}: not valid JSON; cannot check that eval uses the run's test set") from None
+    rebuilt = None if split["test"] is None else split["test"].tolist()
+    if not isinstance(saved, dict) or saved.get("test") != rebuilt:
+        raise ValueError(f"{run}: the test split rebuilt from the data differs from the run's split.json: the data "
+                         f"changed since training (another copy or version?); eval would score other images")

@@ -36,7 +36,7 @@ from .rng import rng_state, seed_everything, set_rng_state
 RESUME_KEYS = ("model", "optimizer", "scheduler", "run", "partial", "rng", "order_gen")
 
 
-def pick_device(name: str, dinfo: Optional[DistInfo] = None) -> torch.device:
+def pick_device(name: str, dinfo: Optional[DistInfo] = None, what: str = "train.device") -> torch.device:
     if name == "auto":
         if not torch.cuda.is_available():
             return torch.device("cpu")
@@ -46,9 +46,11 @@ def pick_device(name: str, dinfo: Optional[DistInfo] = None) -> torch.device:
     try:
         dev = torch.device(name)
     except RuntimeError:
-        raise ValueError(f"train.device={name!r} is not a device; valid: auto, cpu, cuda, cuda:N") from None
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"{what}={name!r} is not a device vitlab runs on; valid: auto, cpu, cuda, cuda:N")
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"train.device={name!r} but no CUDA device is available; use train.device=cpu")
+        raise ValueError(f"{what}={name!r} but no CUDA device is available; use {what}=cpu")
     return dev
 
 
