@@ -76,3 +76,33 @@ def test_every_preset_trains_on_data_in_its_real_format(preset, tmp_path):
     assert (out / "predictions.npz").is_file() and final["test_size"] > 0
     shape = STUDY_SHAPES.get(preset, {})
     assert {k: final["model"][k] for k in shape} == shape
+
+
+def _quick_studies():
+    from vitlab.compare.experiment import studies
+
+    names = studies()
+    # `default` is left out: its arms are the plain PEs test_catalogue trains, and each of its runs
+    # evaluates Fashion-MNIST's whole 10,000-image test set (scripts/main.sh runs the study itself)
+    return sorted(n for n in names if n.endswith("-quick") or (f"{n}-quick" not in names and n != "default"))
+
+
+@pytest.mark.parametrize("study", _quick_studies())
+def test_every_arm_of_every_laptop_scale_study_trains(study, tmp_path):
+    """Each arm of each shipped study at laptop scale (one seed, the first grid point) trains one
+    epoch on data in its preset's real format: timm backbones, PoPE in DeiT, heads changed for the
+    differential kernel, STRING's sparsity sweep, 3D PEs."""
+    from vitlab.compare import load_experiment
+    from vitlab.train.loop import train_run
+
+    exp = load_experiment(study, seeds=1)
+    shrink = ["train.epochs=1", "train.batch_size=8", "train.eval_batch_size=32", "eval.resolution_images=4",
+              "eval.attention_images=0", "train.warmup_epochs=0.5"]
+    specs = exp.runs(_data(exp.base, tmp_path) + shrink)
+    first = {}
+    for spec in specs:
+        first.setdefault(spec.arm, spec)
+    assert set(first) == set(exp.arms)
+    for arm, spec in first.items():
+        final = train_run(spec.config, tmp_path / "runs" / spec.name, progress=False)
+        assert final["status"] == "finished" and 0 <= final["acc1"] <= 1, arm
