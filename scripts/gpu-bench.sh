@@ -8,6 +8,10 @@
 #
 # Each bench PART writes OUTDIR/PART.json and OUTDIR/PART.md (`vitlab bench --save`); `env` writes
 # OUTDIR/env.txt (GPU, driver, torch, timm); `train` writes OUTDIR/train.json (the run's final.json).
+# `tiny-compile` starts from an empty inductor cache (OUTDIR/inductor-cache), so its compile columns
+# are what a first run pays; within the run, a variant whose graph matches an earlier one's (folded
+# STRING and rope_axial) reuses it. Each part can take minutes: run them as separate commands where
+# a command's time is limited.
 # A failing part does not stop the others; the exit status is non-zero if any failed.
 # Knobs (environment): DEVICE (cuda), STEPS (20), WARMUP (3), CIFAR_BATCH (128), TINY_BATCH (256),
 # VARIANTS (bench's default catalogue). DEVICE=cpu with small values is a dry run of this script.
@@ -17,6 +21,8 @@ out=$1; shift
 parts=("$@"); [ ${#parts[@]} -gt 0 ] || parts=(env cifar-bf16 cifar-fp32 tiny-bf16 tiny-compile train)
 device=${DEVICE:-cuda}; steps=${STEPS:-20}; warmup=${WARMUP:-3}
 mkdir -p "$out" || exit 2
+python3 -c "import vitlab" 2>/dev/null || {
+    echo "gpu-bench: error: python3 cannot import vitlab; install it first: python3 -m pip install -e ." >&2; exit 2; }
 vitlab=(python3 -m vitlab)
 common=(--device "$device" --steps "$steps" --warmup "$warmup")
 [ -n "${VARIANTS:-}" ] && common+=(--variants "$VARIANTS")
@@ -39,8 +45,9 @@ print(\"python\", sys.version.split()[0], \"torch\", torch.__version__, \"cuda\"
             "${common[@]}" --save "$out/$part.json" ;;
         tiny-bf16) run "$part" "${vitlab[@]}" bench --shape clearvit-tiny --batch "${TINY_BATCH:-256}" --precision bf16 \
             "${common[@]}" --save "$out/$part.json" ;;
-        tiny-compile) run "$part" "${vitlab[@]}" bench --shape clearvit-tiny --batch "${TINY_BATCH:-256}" --precision bf16 \
-            --compile "${common[@]}" --save "$out/$part.json" ;;
+        tiny-compile) rm -rf "$out/inductor-cache"  # a cold compiler cache: the compile columns are a first run's
+            run "$part" env TORCHINDUCTOR_CACHE_DIR="$out/inductor-cache" "${vitlab[@]}" bench --shape clearvit-tiny \
+            --batch "${TINY_BATCH:-256}" --precision bf16 --compile "${common[@]}" --save "$out/$part.json" ;;
         train) run "$part" bash -c "${vitlab[*]} train fashion-mnist-quick data.name=synthetic \
 'data.options={num_classes: 10, img_size: 28, n_train: 4096, n_test: 1024}' train.epochs=2 \
 train.device=$device model.qk_pe=rope_mixed --out '$out/train-run' --quiet && cp '$out/train-run/final.json' '$out/train.json'" ;;

@@ -2,6 +2,9 @@
 import json
 
 import pytest
+import torch
+
+import vitlab
 
 from vitlab.bench import parse_variant, run_bench
 from vitlab.cli import main
@@ -54,6 +57,34 @@ def test_cli_errors_are_one_line(argv, words, capsys):
     assert err.startswith("vitlab: error: ") and err.count("\n") == 1
     for w in words:
         assert w in err
+
+
+def test_flops_count_the_cpu_fused_attention_kernel():
+    """torch's FlopCounterMode has no formula for the CPU's fused SDPA kernel: a model that runs it
+    (vitlab's kernels in fp32, timm's ViT) counted no attention. The same model's forward must count
+    the same FLOPs on the fused kernel (fp32) and on vitlab's written-out route (bf16 autocast on
+    CPU), and the attention must be there: 4·B·H·N²·d per block over the count without it."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from vitlab.flops import flop_counter
+
+    model = vitlab.create_model(size="string-cifar", num_classes=10, depth=2).eval()
+    x = torch.randn(2, 3, 32, 32)
+
+    def forward(counter, bf16=False):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16), counter as c:
+            model(x)
+        return c.get_total_flops()
+
+    fused, written_out, torch_alone = forward(flop_counter()), forward(flop_counter(), True), \
+        forward(FlopCounterMode(display=False))
+    b, h, n, d = 2, 4, 65, 192 // 4
+    assert fused == written_out and fused - torch_alone == 2 * 4 * b * h * n * n * d
+
+
+def test_bench_volume_shape_leaves_out_timm(capsys):
+    assert main(["bench", "--shape", "volume", "--variants", "none,timm", "--steps", "1"]) == 2
+    assert "timm's VisionTransformer takes 2D images" in capsys.readouterr().err
 
 
 def test_bench_save_writes_json_and_table(tmp_path, capsys):

@@ -60,3 +60,25 @@ def test_pretrained_from_local_file(tmp_path):
     with pytest.raises(ValueError, match="unknown timm model"):
         build_model(load_config("fashion-mnist-quick", ["model.name=timm:resnet_nonexistent"]), in_chans=3,
                     num_classes=10, img_size=(32, 32))
+
+
+def test_attention_with_parts_vitlab_would_drop_is_refused():
+    """q/k norms or a scale norm in timm's attention would vanish in vitlab's replacement: refused,
+    never a model silently changed (pretrained weights would load into a different network)."""
+    for kw, part in (({"qk_norm": True}, "k_norm, q_norm"), ({"scale_attn_norm": True}, "its norm")):
+        m = TimmViT(img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2, num_classes=3, **kw)
+        with pytest.raises(ValueError, match=f"{part}.*would drop"):
+            insert_qk_pe(m, "rope_axial")
+
+
+def test_inserted_pe_parameters_get_no_weight_decay():
+    """timm's no_weight_decay() names only its pos_embed and tokens; an inserted PE's frequencies,
+    phase bias or STRING basis must stay out of weight decay as in vitlab's own ViT."""
+    from vitlab.train.build import param_groups
+
+    for qk in ("rope_mixed", "pope", "string_cayley"):
+        m = insert_qk_pe(tiny_timm(), qk)
+        decay, no_decay = param_groups(m, 0.05)
+        pe = {id(p) for n, p in m.named_parameters() if ".qk_pe." in n}
+        assert pe and pe <= {id(p) for p in no_decay["params"]} and not pe & {id(p) for p in decay["params"]}
+        assert any(p is m.blocks[0].attn.qkv.weight for p in decay["params"])  # the rest as before

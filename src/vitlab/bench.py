@@ -21,8 +21,8 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
 
+from .flops import flop_counter
 from .models import KERNELS, QK_PES, SIZES, TOKEN_PES, make_config
 from .models.inspect import fold_string
 from .models.vit import VisionTransformer
@@ -155,8 +155,9 @@ def _sync(device: torch.device) -> None:
 
 
 def step_flops(model, x, y) -> int:
-    """FLOPs of one forward + backward, counted by torch's FlopCounterMode (matmuls, convs, SDPA)."""
-    with FlopCounterMode(display=False) as counter:
+    """FLOPs of one forward + backward, counted by torch's FlopCounterMode (matmuls, convs, SDPA;
+    :func:`vitlab.flops.flop_counter`, which also counts the CPU's fused attention)."""
+    with flop_counter() as counter:
         F.cross_entropy(model(x), y).backward()
     model.zero_grad(set_to_none=True)
     return counter.get_total_flops()
@@ -207,8 +208,9 @@ def attention_kernels(fn: Callable[[], None]) -> str:
 
 def step_memory(fn: Callable[[], None], device: torch.device) -> float:
     """MiB that ``fn`` (one train step) allocates on a CUDA ``device`` at its peak, above what was
-    allocated before it (the resting models and optimizer states): activations, gradients, and
-    PoPE's twice-wide q/k. CUDA only: the CPU allocator keeps no such count."""
+    allocated before it (the resting models, optimizer states and the previous step's gradients,
+    which are freed only after the next forward): mostly the activations the backward keeps,
+    PoPE's twice-wide q/k among them. CUDA only: the CPU allocator keeps no such count."""
     _sync(device)
     torch.cuda.reset_peak_memory_stats(device)
     before = torch.cuda.memory_allocated(device)
@@ -248,10 +250,14 @@ def run_bench(shape: str = "string-cifar", variants: Optional[List[str]] = None,
         raise ValueError("--compile needs --warmup >= 1 (the first call of each model compiles it)")
     log = log or (lambda msg: None)
     autocast = (lambda: torch.autocast(dev.type, dtype=torch.bfloat16)) if precision == "bf16" else nullcontext
-    specs = variants or DEFAULT_VARIANTS
-    parsed = [parse_variant(s) for s in specs]
     size = SIZES[shape]
     cfg = make_config(**size, num_classes=num_classes)
+    volumes = len(cfg.img_size) == 3  # timm's VisionTransformer takes images only
+    specs = variants or [v for v in DEFAULT_VARIANTS if not (volumes and v == "timm")]
+    if volumes and "timm" in specs:
+        raise ValueError(f"variant 'timm': timm's VisionTransformer takes 2D images, and shape {shape!r} is 3D "
+                         f"volumes; leave it out of --variants")
+    parsed = [parse_variant(s) for s in specs]
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, cfg.in_chans, *cfg.img_size, generator=gen).to(dev)
     y = torch.randint(0, num_classes, (batch,), generator=gen).to(dev)
@@ -456,6 +462,9 @@ def run_input_bench(config: str, overrides: Optional[List[str]] = None, workers:
     log(f"{'listed' if streamed else 'loaded'} {len(ds)} training images in {load_s:.1f}s")
     order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:need]
     counts = (workers if workers is not None else sorted({0, d.workers})) if streamed else [None]
+    if workers is not None and not streamed:
+        log(f"note: --workers {','.join(map(str, workers))} does not apply: the data is held in memory (no "
+            f"DataLoader workers); data.options.stream=true decodes a folder with workers")
     channels = ds.item_shape[0]
     rows = []
     for w in counts:

@@ -53,6 +53,29 @@ class TimmAttention(Attention):
         return super().forward(x, self.grid_source.grid(x.device))
 
 
+#: the parts of timm's plain ``Attention`` vitlab's replacement reuses (qkv, proj) or re-creates (the
+#: dropouts); any other part that does something (q/k norms, a scale norm, gates, talking heads)
+#: would be dropped, so a model that has one is refused
+_PLAIN = {"qkv", "proj", "attn_drop", "proj_drop", "q_norm", "k_norm", "norm"}
+
+
+def _check_plain(attn: nn.Module, i: int, model: nn.Module) -> None:
+    """``attn`` is timm's plain multi-head attention: fused qkv, heads of dim // heads, no q/k norm or
+    scale norm. Anything else is a one-line error rather than a model silently changed."""
+    name = type(model).__name__
+    if not (hasattr(attn, "qkv") and hasattr(attn, "proj") and hasattr(attn, "num_heads")):
+        raise ValueError(f"model.qk_pe: {name} block {i} attention ({type(attn).__name__}) has no fused qkv/proj "
+                         f"to reuse; vitlab inserts q/k PEs into timm ViTs with plain attention (vit_*, deit_*)")
+    dim, heads = attn.qkv.in_features, attn.num_heads
+    extra = sorted(n for n, c in attn.named_children() if n not in _PLAIN or
+                   (n in ("q_norm", "k_norm", "norm") and not isinstance(c, nn.Identity)))
+    if extra or attn.qkv.out_features != 3 * dim or getattr(attn, "head_dim", dim // heads) != dim // heads:
+        what = f"its {', '.join(extra)}" if extra else "a head size other than dim / heads"
+        raise ValueError(f"model.qk_pe: {name} block {i} attention ({type(attn).__name__}) has {what}, which "
+                         f"vitlab's attention would drop; vitlab inserts q/k PEs into timm ViTs with plain "
+                         f"attention only (vit_*, deit_* without qk_norm or scale_attn_norm)")
+
+
 def insert_qk_pe(model: nn.Module, qk_pe: str, qk_pe_kwargs: Optional[dict] = None, attn: str = "standard",
                  attn_kwargs: Optional[dict] = None) -> nn.Module:
     """Replace every block's attention of a timm ``VisionTransformer`` by vitlab's, with the given
@@ -65,8 +88,7 @@ def insert_qk_pe(model: nn.Module, qk_pe: str, qk_pe_kwargs: Optional[dict] = No
     model.register_forward_pre_hook(source.hook)
     for i, blk in enumerate(blocks):
         old = blk.attn
-        if not (hasattr(old, "qkv") and hasattr(old, "proj") and hasattr(old, "num_heads")):
-            raise ValueError(f"block {i} attention ({type(old).__name__}) has no fused qkv/proj to reuse")
+        _check_plain(old, i, model)
         dim, heads = old.qkv.in_features, old.num_heads
         ctx = dict(head_dim=dim // heads, num_heads=heads, ndim=2, layer=i, depth=len(blocks))
         new = TimmAttention(dim, heads, qk_pe=QK_PES.build(qk_pe, qk_pe_kwargs, **ctx),

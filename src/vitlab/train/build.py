@@ -93,5 +93,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list:
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim <= 1 or name in skip or any(name.startswith(s + ".") for s in skip) else decay).append(p)
+        pe = ".qk_pe." in f".{name}"  # a q/k PE's parameters, also where inserted into a timm model (whose
+        # no_weight_decay() names only its own pos_embed and tokens)
+        (no_decay if p.ndim <= 1 or pe or name in skip or any(name.startswith(s + ".") for s in skip)
+         else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]

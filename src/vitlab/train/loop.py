@@ -454,7 +454,7 @@ def evaluate_run(out_dir, cfg, model, augment, test_feed, test_ds, num_classes, 
                  dinfo: Optional[DistInfo] = None) -> dict:
     """Test metrics of the best checkpoint, plus cost figures and the report's probes (``eval.*``):
     predictions.npz (labels, class probabilities), accuracy at other resolutions, attention.npz."""
-    from torch.utils.flop_counter import FlopCounterMode
+    from ..flops import flop_counter
 
     from ..eval import probes
 
@@ -498,7 +498,7 @@ def evaluate_run(out_dir, cfg, model, augment, test_feed, test_ds, num_classes, 
     x = augment.normalize(test_feed.sample(bs))
     model.eval()
     with torch.no_grad():
-        with FlopCounterMode(display=False) as counter:
+        with flop_counter() as counter:
             model(x[:1])
         times = []
         for _ in range(5):
