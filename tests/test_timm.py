@@ -82,3 +82,15 @@ def test_inserted_pe_parameters_get_no_weight_decay():
         pe = {id(p) for n, p in m.named_parameters() if ".qk_pe." in n}
         assert pe and pe <= {id(p) for p in no_decay["params"]} and not pe & {id(p) for p in decay["params"]}
         assert any(p is m.blocks[0].attn.qkv.weight for p in decay["params"])  # the rest as before
+
+
+def test_grid_follows_the_image_through_every_entry_point():
+    """The grid is read off the image where timm embeds it, so forward_features (called first, or at
+    another size than the last forward) uses the right coordinates, as forward does."""
+    m = insert_qk_pe(TimmViT(img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2, num_classes=3,
+                             dynamic_img_size=True), "rope_axial").eval()
+    x = torch.randn(1, 3, 16, 24)
+    feats = m.forward_features(x)  # before any forward
+    assert feats.shape == (1, 1 + 4 * 6, 32)
+    torch.testing.assert_close(m.forward_head(feats), m(x))
+    assert m.forward_features(torch.randn(1, 3, 16, 16)).shape == (1, 17, 32)

@@ -25,7 +25,8 @@ def check_timm_model(name: str) -> None:
 
 
 class _GridSource:
-    """The patch grid of the batch being processed, set by a forward pre-hook on the timm model."""
+    """The patch grid of the batch being processed, set by a forward pre-hook on the timm model's
+    patch embedding (which sees the image)."""
 
     def __init__(self, patch_size, num_prefix: int):
         self.patch_size, self.num_prefix = tuple(patch_size), num_prefix
@@ -85,7 +86,8 @@ def insert_qk_pe(model: nn.Module, qk_pe: str, qk_pe_kwargs: Optional[dict] = No
         raise ValueError(f"model.qk_pe needs a timm VisionTransformer (blocks + patch_embed); "
                          f"{type(model).__name__} is not one")
     source = _GridSource(model.patch_embed.patch_size, model.num_prefix_tokens)
-    model.register_forward_pre_hook(source.hook)
+    model.patch_embed.register_forward_pre_hook(source.hook)  # every path in (forward, forward_features,
+    # forward_intermediates) embeds the image first
     for i, blk in enumerate(blocks):
         old = blk.attn
         _check_plain(old, i, model)
