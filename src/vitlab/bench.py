@@ -15,7 +15,7 @@ import statistics
 import sys
 import time
 import warnings
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
@@ -26,6 +26,7 @@ from .flops import flop_counter
 from .models import KERNELS, QK_PES, SIZES, TOKEN_PES, make_config
 from .models.inspect import fold_string
 from .models.vit import VisionTransformer
+from .train.loop import autocast_for, resolve_precision
 
 DEFAULT_VARIANTS = ["none", "learned", "sincos", "rope_axial", "rope_mixed", "pope", "string_cayley",
                     "string_cayley:sparsity=0.1", "string_reflection", "timm"]
@@ -124,15 +125,6 @@ def bench_device(device: str) -> torch.device:
     elif dev.type != "cpu":
         raise ValueError(f"--device {device!r}; valid: cpu, cuda, cuda:N")
     return dev
-
-
-def resolve_precision(precision: str, dev: torch.device) -> str:
-    """``auto``: bf16 autocast on a CUDA GPU that supports it, fp32 elsewhere."""
-    if precision not in ("auto", "fp32", "bf16"):
-        raise ValueError(f"precision={precision!r}; valid: auto, fp32, bf16")
-    if precision == "auto":
-        return "bf16" if dev.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    return precision
 
 
 def _allow_recompiles(n_models: int) -> None:
@@ -249,7 +241,7 @@ def run_bench(shape: str = "string-cifar", variants: Optional[List[str]] = None,
     if compile and warmup < 1:
         raise ValueError("--compile needs --warmup >= 1 (the first call of each model compiles it)")
     log = log or (lambda msg: None)
-    autocast = (lambda: torch.autocast(dev.type, dtype=torch.bfloat16)) if precision == "bf16" else nullcontext
+    autocast = autocast_for(precision, dev)
     size = SIZES[shape]
     cfg = make_config(**size, num_classes=num_classes)
     volumes = len(cfg.img_size) == 3  # timm's VisionTransformer takes images only

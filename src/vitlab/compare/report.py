@@ -298,7 +298,8 @@ def report_lines(out: Path, data: dict, stage: Path) -> List[str]:
             return sum(vals) / len(vals) if vals else None
 
         lines.append(f"| {name} | {fs[0]['params']:,} | {_fmt(fs[0]['flops'] / 1e6, '.1f')} | "
-                     f"{_fmt(mean('epochs'), '.3g')} | {_fmt(mean('train_images_per_s'), '.0f')} | {_fmt(mean('infer_ms_per_batch'), '.1f')} | "
+                     f"{_fmt(mean('epochs'), '.3g')} | {_fmt(mean('train_images_per_s'), '.0f')} | "
+                     f"{_fmt(mean('infer_ms_per_batch'), '.1f')} | "
                      f"{_fmt(mean('seconds'), '.0f')} | {_fmt(mean('acc1'))} | {_fmt(mean('acc5'))} | "
                      f"{_fmt(mean('auroc_macro'))} |")
     lines += ["", *arms_lines(m)]
@@ -414,15 +415,15 @@ def resolution_table(data: dict, order: List[str]) -> List[str]:
         size = r["final"].get("model", {}).get("img_size")
         trained.setdefault(group_name(r), size[0] if isinstance(size, list) else size)
     one = len(set(trained.values())) == 1
-    where = (f"Trained at {next(iter(trained.values()))} px" if one else
+    trained_h = next(iter(trained.values())) if one else None  # the "(trained)" column; else a * per arm
+    where = (f"Trained at {trained_h} px" if one else
              "Trained at different sizes (* marks each arm's): " + ", ".join(
                  f"{name} {trained[name]} px" for name in order if name in trained))
     lines = ["", "## Resolution extrapolation (test accuracy at other image sizes, mean over seeds)", "",
              f"{where}; evaluated without retraining on the first {n} test images resized to each "
              f"size (relative PEs read the new grid, learned tables are resized, sincos recomputed). "
              f"Blank: the model cannot take that size.", "",
-             "| arm | " + " | ".join(f"{h} px" + (" (trained)" if one and (h,) == tuple(set(trained.values())) else "")
-                                    for h in heights) + " |",
+             "| arm | " + " | ".join(f"{h} px" + (" (trained)" if h == trained_h else "") for h in heights) + " |",
              "|---|" + "---:|" * len(heights)]
     for name in order:
         cells = []

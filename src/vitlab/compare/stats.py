@@ -1,6 +1,6 @@
 """Statistics over seeds: mean, sample std, 95% t-interval, paired t-test against the baseline
-(paired by seed; an exact sign test where every paired difference is the same), through scipy; the p-values of a comparison's several tests adjusted for their
-number through statsmodels."""
+(paired by seed; an exact sign test where every paired difference is the same), through scipy; the
+p-values of a comparison's several tests adjusted for their number through statsmodels."""
 from __future__ import annotations
 
 import math

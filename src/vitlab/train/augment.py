@@ -13,6 +13,7 @@ batches for a seed whatever its dropout.
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Optional, Tuple
 
 import torch
@@ -121,22 +122,21 @@ class BatchAugment:
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor):
         """Training batch: returns (images, targets); targets are soft (B, classes) under MixUp/CutMix."""
-        if self.hflip:
-            x = random_flip(x, self.gen)
-        if self.crop_pad and x.dim() == 4:
-            x = random_crop(x, self.crop_pad, self.gen)
-        if self.policy is not None and x.dim() == 4:
-            with self.stream.use():
+        library = self.policy is not None or self.erase is not None or self.mix is not None
+        with self.stream.use() if library else nullcontext():  # one swap of generators per batch
+            if self.hflip:
+                x = random_flip(x, self.gen)
+            if self.crop_pad and x.dim() == 4:
+                x = random_crop(x, self.crop_pad, self.gen)
+            if self.policy is not None and x.dim() == 4:
                 x = torch.stack([self.policy(img) for img in x])  # one policy draw per image (uint8)
-        x = self.normalize(x)
-        if self.use_affine and x.dim() == 4:
-            x = random_affine(x, *self.affine, self.gen)
-        if self.erase is not None or (self.mix is not None and x.shape[0] % 2 == 0):
-            with self.stream.use():
-                if self.erase is not None:
-                    x = self.erase(x)
-                if self.mix is not None and x.shape[0] % 2 == 0:
-                    x, y = self.mix(x, y)
+            x = self.normalize(x)
+            if self.use_affine and x.dim() == 4:
+                x = random_affine(x, *self.affine, self.gen)
+            if self.erase is not None:
+                x = self.erase(x)
+            if self.mix is not None and x.shape[0] % 2 == 0:
+                x, y = self.mix(x, y)
         return x, y
 
     def get_state(self) -> dict:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-from contextlib import nullcontext
 from pathlib import Path
 from typing import List, Optional
 
@@ -15,7 +14,7 @@ from ..eval.metrics import classification_metrics
 from .augment import BatchAugment
 from .build import build_model
 from .feed import make_feed
-from .loop import pick_device, predict
+from .loop import autocast_for, pick_device, predict, resolve_precision
 
 
 def eval_run(run_dir: str, overrides: Optional[List[str]] = None, *, checkpoint: str = "best",
@@ -68,8 +67,7 @@ def eval_run(run_dir: str, overrides: Optional[List[str]] = None, *, checkpoint:
                        img_size=size if size != data_size else None, channels=mcfg.get("in_chans"), device=dev)
     feed = make_feed(test, dev, d.workers, cfg.train.seed)
     precision = _trained_precision(run, cfg, dev)
-    autocast = (lambda: torch.autocast(dev.type, dtype=torch.bfloat16)) if precision == "bf16" else nullcontext
-    logits = predict(model, feed, aug, cfg.train.eval_batch_size, autocast)
+    logits = predict(model, feed, aug, cfg.train.eval_batch_size, autocast_for(precision, dev))
     metrics = classification_metrics(logits, test.labels, num_classes)
     metrics.update(img_size=list(size), test_size=len(feed), checkpoint=checkpoint, precision=precision,
                    device=str(dev))
@@ -79,8 +77,6 @@ def eval_run(run_dir: str, overrides: Optional[List[str]] = None, *, checkpoint:
 def _trained_precision(run: Path, cfg, device: torch.device) -> str:
     """The precision the run was evaluated in when it finished (final.json's ``precision``, what
     ``auto`` resolved to on its device), so that eval reproduces its numbers; else the config's."""
-    from .loop import resolve_precision
-
     final = run / "final.json"
     if final.is_file():
         try:

@@ -56,9 +56,19 @@ def pick_device(name: str, dinfo: Optional[DistInfo] = None, what: str = "train.
 
 def resolve_precision(precision: str, device: torch.device) -> str:
     """``train.precision``: ``auto`` is bf16 autocast on a CUDA device with bf16 support, fp32 elsewhere."""
+    if precision not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"precision={precision!r}; valid: auto, fp32, bf16")
     if precision != "auto":
         return precision
     return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+
+
+def autocast_for(precision: str, device: torch.device) -> Callable[[], object]:
+    """A factory of the forward's autocast context for a resolved ``precision``: bf16 autocast on
+    ``device``, or none (fp32)."""
+    if precision == "bf16":
+        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext
 
 
 def lr_lambda(total_steps: int, warmup_steps: int, base_lr: float, min_lr: float) -> Callable[[int], float]:
@@ -250,8 +260,7 @@ def train_run(cfg: RunConfig, out_dir: Path, *, resume: bool = False, progress: 
         from timm.utils import ModelEmaV3
         ema = ModelEmaV3(model, decay=t_cfg.ema)
     precision = resolve_precision(t_cfg.precision, device)
-    autocast = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if precision == "bf16"
-                else nullcontext)
+    autocast = autocast_for(precision, device)
     diverge_loss = t_cfg.diverge_loss or 10 * math.log(max(num_classes, 2))
     ddp_model = model
     if dinfo.enabled:
