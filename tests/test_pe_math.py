@@ -259,6 +259,26 @@ def test_string_sparse_mask(sparsity):
     assert tuple(dense.a.shape) == (heads, pairs)
 
 
+def test_string_sparsity_mask_follows_the_run_seed():
+    """The mask is part of the initialisation: a run draws it from train.seed unless
+    sparsity_seed is given, and records the seed in its model config (eval and resume rebuild it)."""
+    from vitlab.config import load_config
+    from vitlab.train.build import build_model
+
+    def mask(*overrides):
+        cfg = load_config("fashion-mnist-quick", ["model.qk_pe=string_cayley", "model.qk_pe_kwargs.sparsity=0.3",
+                                                  *overrides])
+        model, mcfg = build_model(cfg, in_chans=1, num_classes=10, img_size=(28, 28))
+        return torch.stack([blk.attn.qk_pe.rows * 1000 + blk.attn.qk_pe.cols for blk in model.blocks]), mcfg
+
+    one, mcfg = mask("train.seed=1")
+    assert mcfg["qk_pe_kwargs"] == {"sparsity": 0.3, "sparsity_seed": 1}
+    assert torch.equal(mask("train.seed=1")[0], one)
+    assert not torch.equal(mask("train.seed=2")[0], one)
+    fixed, mcfg = mask("train.seed=2", "model.qk_pe_kwargs.sparsity_seed=1")
+    assert torch.equal(fixed, one) and mcfg["qk_pe_kwargs"]["sparsity_seed"] == 1
+
+
 def test_string_cayley_model_at_init_equals_rope_axial_model():
     rope = tiny_model(seed=0, qk_pe="rope_axial")
     string = tiny_model(seed=0, qk_pe="string_cayley")
@@ -275,9 +295,38 @@ def test_string_cayley_model_at_init_equals_rope_axial_model():
         # ... and folding P into the q/k weights turns it into plain RoPE-Axial on those weights.
         assert vitlab.fold_string(string) == 2
         torch.testing.assert_close(string(x), moved, rtol=1e-4, atol=1e-5)
-        folded = {k: v for k, v in string.state_dict().items() if not k.endswith("qk_pe.a")}
-        rope.load_state_dict(folded)
+        assert all(type(blk.attn.qk_pe).__name__ == "RopeAxial" for blk in string.blocks)
+        rope.load_state_dict(string.state_dict())  # strict: the folded model is a rope_axial model
         torch.testing.assert_close(rope(x), moved, rtol=1e-4, atol=1e-5)
+        # a folded state dict cannot be loaded where P would be applied a second time
+        with pytest.raises(RuntimeError, match="qk_pe.a"):
+            tiny_model(seed=0, qk_pe="string_cayley").load_state_dict(string.state_dict())
+
+
+@pytest.mark.parametrize("name", ["string_cayley", "string_reflection"])
+def test_string_prefix_tokens_get_p_but_no_rotation(name):
+    """Prefix tokens get STRING's formula at position 0: P q, unrotated (the fold applies P to every
+    token, which is what makes folding P into the q/k weights exact)."""
+    torch.manual_seed(4)
+    model = tiny_model(seed=0, qk_pe=name, num_cls=2).eval()
+    randomize_model_pes(model)
+    attn = model.blocks[0].attn
+    seen = {}
+    attn.qk_pe.register_forward_hook(lambda mod, args, out: seen.update(inp=args[:2], out=out))
+    x = torch.randn(2, 3, 16, 16)
+    tokens = {}
+    model.blocks[0].register_forward_pre_hook(lambda mod, args: tokens.update(x=args[0]))
+    with torch.no_grad():
+        model(x)
+        b, n, c = tokens["x"].shape
+        raw = attn.qkv(model.blocks[0].norm1(tokens["x"])).view(b, n, 3, attn.num_heads, attn.head_dim)
+        raw = raw.permute(2, 0, 3, 1, 4)  # (3, B, H, N, d)
+        p = attn.qk_pe.orthogonal()  # (H, d, d)
+        assert (p - torch.eye(attn.head_dim)).abs().max() > 1e-2
+        for i in range(2):  # q, k
+            expect = raw[i, :, :, :2] @ p.transpose(-1, -2)  # P q for each prefix row
+            torch.testing.assert_close(seen["inp"][i][:, :, :2], expect, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(seen["out"][i][:, :, :2], seen["inp"][i][:, :, :2], rtol=0, atol=0)
 
 
 # ------------------------------------------------------------------------------------------------

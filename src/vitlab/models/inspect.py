@@ -46,18 +46,20 @@ def attention_maps(model: nn.Module, images: torch.Tensor) -> List[torch.Tensor]
 def fold_string(model: nn.Module) -> int:
     """Absorb every STRING basis P into its attention's q/k projection weights, in place.
 
-    Afterwards each STRING layer is plain RoPE-Axial on the folded weights, so inference costs
-    exactly what ``rope_axial`` costs; outputs are unchanged up to float rounding. Returns the
-    number of layers folded (0 if the model has no STRING PE). Fold a copy if you will train on.
+    Afterwards each STRING layer is plain RoPE-Axial on the folded weights: its PE module is
+    replaced by a ``rope_axial`` one, so inference costs exactly what ``rope_axial`` costs, outputs
+    are unchanged up to float rounding, and the folded state dict loads into a ``rope_axial`` model
+    (and fails loudly, rather than applying P twice, in a STRING one). Returns the number of layers
+    folded (0 if the model has no STRING PE). Fold a copy if you will train on.
     """
     folded = 0
     for m in _attention_modules(model):
         pe = m.qk_pe
-        if isinstance(pe, _StringBase) and not pe.folded:
+        if isinstance(pe, _StringBase):
             weight, bias = fold_basis(m.qkv.weight, m.qkv.bias, pe.orthogonal(), m.num_heads)
             m.qkv.weight.copy_(weight)
             if bias is not None:
                 m.qkv.bias.copy_(bias)
-            pe.folded = True
+            m.qk_pe = pe.as_rope()
             folded += 1
     return folded

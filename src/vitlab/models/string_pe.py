@@ -7,6 +7,10 @@ Because P does not depend on position, vitlab never multiplies tokens by it: the
 folds P into the q/k projection weights once per forward (one d x d map per head), so training
 costs RoPE plus a (H, d, d) solve, and :func:`vitlab.fold_string` makes the fold permanent for
 inference, at exactly RoPE's cost.
+
+Prefix tokens (CLS, registers) get no rotation, as with every q/k PE, but they do get P: the fold
+applies P to every token's q and k, which is STRING's formula at position 0 (RoPE(0) = I). That is
+what makes the fold exact, and it keeps prefix-prefix scores unchanged (P is orthogonal).
 """
 from __future__ import annotations
 
@@ -26,24 +30,30 @@ class _StringBase(RopeAxial):
                  axis_pairs: Optional[Tuple[int, ...]] = None):
         super().__init__(head_dim=head_dim, num_heads=num_heads, ndim=ndim, layer=layer, depth=depth,
                          theta=theta, axis_pairs=axis_pairs)
-        self.folded = False
 
     def orthogonal(self) -> torch.Tensor:
         """(H, d, d) orthogonal basis P, computed in float32."""
         raise NotImplementedError
 
     def basis(self):
-        return None if self.folded else self.orthogonal()
+        return self.orthogonal()
+
+    def as_rope(self) -> RopeAxial:
+        """The plain RoPE-Axial this PE becomes once P is folded into the q/k weights."""
+        return RopeAxial(head_dim=self.head_dim, num_heads=self.num_heads, ndim=self.ndim, layer=self.layer,
+                         depth=self.depth, theta=self.theta, axis_pairs=self.axis_pairs).to(self.freqs.device)
 
 
 @QK_PES.register("string_cayley", "STRING with Cayley basis P = (I - S)(I + S)^-1, S skew; starts as RoPE")
 class StringCayley(_StringBase):
     """P = (I - S)(I + S)^-1 with S = A - A^T skew-symmetric, A learned per head and initialised at
     zero (so the model starts as exact RoPE). ``sparsity`` f in (0, 1] keeps a fixed random fraction f
-    of the upper-triangle entries of S trainable (mask drawn from ``sparsity_seed``)."""
+    of the upper-triangle entries of S trainable. The mask is drawn from ``sparsity_seed`` and the
+    layer; a run sets ``sparsity_seed`` to its ``train.seed`` unless given, so the seeds of a
+    comparison sample the mask as they sample the rest of the initialisation (direct use: 0)."""
 
     def __init__(self, *, head_dim, num_heads, ndim, layer=0, depth=1, theta: float = 100.0,
-                 axis_pairs: Optional[Tuple[int, ...]] = None, sparsity: float = 1.0, sparsity_seed: int = 0):
+                 axis_pairs: Optional[Tuple[int, ...]] = None, sparsity: float = 1.0, sparsity_seed: Optional[int] = None):
         super().__init__(head_dim=head_dim, num_heads=num_heads, ndim=ndim, layer=layer, depth=depth,
                          theta=theta, axis_pairs=axis_pairs)
         if not 0.0 < float(sparsity) <= 1.0:
@@ -52,7 +62,7 @@ class StringCayley(_StringBase):
         rows, cols = torch.triu_indices(head_dim, head_dim, offset=1)
         if self.sparsity < 1.0:
             # A fixed, seeded subset of upper-triangle entries per head; the rest of S stays zero.
-            gen = torch.Generator().manual_seed(int(sparsity_seed) * 1000003 + layer)
+            gen = torch.Generator().manual_seed(int(sparsity_seed or 0) * 1000003 + layer)
             keep = max(1, round(self.sparsity * rows.numel()))
             idx = torch.stack([torch.randperm(rows.numel(), generator=gen)[:keep] for _ in range(num_heads)])
             rows, cols = rows[idx], cols[idx]  # (H, keep)
@@ -73,8 +83,9 @@ class StringCayley(_StringBase):
     def orthogonal(self):
         s = self.skew()
         eye = torch.eye(self.head_dim, device=s.device, dtype=s.dtype)
-        # X (I + S) = (I - S)  =>  X = (I - S)(I + S)^-1; I + S is always invertible for skew S.
-        return torch.linalg.solve(eye + s, eye - s, left=False)
+        # X (I + S) = (I - S)  =>  X = (I - S)(I + S)^-1; I + S is always invertible for skew S, so
+        # solve_ex without its error check: linalg.solve's check waits for the GPU in every layer.
+        return torch.linalg.solve_ex(eye + s, eye - s, left=False, check_errors=False).result
 
 
 @QK_PES.register("string_reflection", "STRING with P a product of k learned Householder reflections")

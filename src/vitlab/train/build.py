@@ -14,6 +14,7 @@ def build_model(cfg: RunConfig, *, in_chans: int, num_classes: int, img_size: Tu
 
     ``model.name`` is ``vit`` (the vitlab backbone) or ``timm:<name>`` (any timm model, with
     ``model.pretrained`` a local weights file, or ``true`` for the hub when online)."""
+    cfg = _seed_string_mask(cfg)
     name = cfg.model.get("name", "vit")
     want = cfg.model.get("img_size")
     if isinstance(want, (list, tuple)) and len(want) != len(img_size):
@@ -27,6 +28,17 @@ def build_model(cfg: RunConfig, *, in_chans: int, num_classes: int, img_size: Tu
         mcfg = cfg.model_cfg(**{"img_size": img_size, "in_chans": in_chans, "num_classes": num_classes})
         return VisionTransformer(mcfg), mcfg.model_dump(mode="json")
     return build_timm(name.removeprefix("timm:"), cfg, in_chans, num_classes, img_size)
+
+
+def _seed_string_mask(cfg: RunConfig) -> RunConfig:
+    """STRING's sparsity mask is part of the random initialisation: unless the run sets
+    ``model.qk_pe_kwargs.sparsity_seed``, it is drawn from ``train.seed`` (the same on every rank),
+    so the seeds of a comparison sample the mask too, and eval and resume rebuild the same one."""
+    kwargs = cfg.model.get("qk_pe_kwargs") or {}
+    if cfg.model.get("qk_pe") != "string_cayley" or kwargs.get("sparsity_seed") is not None:
+        return cfg
+    model = {**cfg.model, "qk_pe_kwargs": {**kwargs, "sparsity_seed": cfg.train.seed}}
+    return cfg.model_copy(update={"model": model})
 
 
 def build_timm(name: str, cfg: RunConfig, in_chans: int, num_classes: int, img_size) -> Tuple[nn.Module, dict]:
