@@ -34,11 +34,24 @@ run() {  # run PART CMD...: time it, keep going on failure
     if "$@"; then echo "== $part: done in $((SECONDS - t0)) s" >&2
     else echo "== $part: FAILED (exit $?) after $((SECONDS - t0)) s" >&2; failed+=("$part"); fi
 }
+env_info() {  # OUTDIR/env.txt: the GPU, the versions, and whether torch.compile can build GPU kernels
+    {
+        nvidia-smi || true
+        python3 -c 'import sys, torch, timm, torchvision; print("python", sys.version.split()[0], "torch",
+torch.__version__, "cuda", torch.version.cuda, "torchvision", torchvision.__version__, "timm", timm.__version__)'
+        gcc --version 2>&1 | head -1 || echo "no gcc (torch.compile's inductor needs a C compiler)"
+        python3 -c 'import os, sysconfig; p = sysconfig.get_paths()["include"]
+print("Python.h", "found" if os.path.isfile(os.path.join(p, "Python.h")) else "MISSING (inductor needs it)", "in", p)'
+        # a one-op compile: if this fails, tiny-compile will too (seconds here instead of minutes there)
+        python3 -c "import torch; f = torch.compile(lambda x: x.sin() + 1)
+print('torch.compile on $device:', 'ok' if f(torch.ones(8, device='$device')).sum().item() > 0 else 'wrong')" 2>&1 \
+            | tail -1 || true
+    } > "$out/env.txt" 2>&1
+    cat "$out/env.txt"
+}
 for part in "${parts[@]}"; do
     case $part in
-        env) run env bash -c "{ nvidia-smi || true; python3 -c 'import sys, torch, timm, torchvision; \
-print(\"python\", sys.version.split()[0], \"torch\", torch.__version__, \"cuda\", torch.version.cuda, \
-\"torchvision\", torchvision.__version__, \"timm\", timm.__version__)'; } > '$out/env.txt' 2>&1; cat '$out/env.txt'" ;;
+        env) run env env_info ;;
         cifar-bf16) run "$part" "${vitlab[@]}" bench --shape string-cifar --batch "${CIFAR_BATCH:-128}" --precision bf16 \
             "${common[@]}" --save "$out/$part.json" ;;
         cifar-fp32) run "$part" "${vitlab[@]}" bench --shape string-cifar --batch "${CIFAR_BATCH:-128}" --precision fp32 \
@@ -48,7 +61,8 @@ print(\"python\", sys.version.split()[0], \"torch\", torch.__version__, \"cuda\"
         tiny-compile) rm -rf "$out/inductor-cache"  # a cold compiler cache: the compile columns are a first run's
             run "$part" env TORCHINDUCTOR_CACHE_DIR="$out/inductor-cache" "${vitlab[@]}" bench --shape clearvit-tiny \
             --batch "${TINY_BATCH:-256}" --precision bf16 --compile "${common[@]}" --save "$out/$part.json" ;;
-        train) run "$part" bash -c "${vitlab[*]} train fashion-mnist-quick data.name=synthetic \
+        train) rm -rf "$out/train-run"  # a re-run into the same OUTDIR starts afresh
+            run "$part" bash -c "${vitlab[*]} train fashion-mnist-quick data.name=synthetic \
 'data.options={num_classes: 10, img_size: 28, n_train: 4096, n_test: 1024}' train.epochs=2 \
 train.device=$device model.qk_pe=rope_mixed --out '$out/train-run' --quiet && cp '$out/train-run/final.json' '$out/train.json'" ;;
         *) echo "gpu-bench: error: unknown part '$part'; valid: env cifar-bf16 cifar-fp32 tiny-bf16 tiny-compile train" >&2

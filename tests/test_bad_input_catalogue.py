@@ -11,6 +11,7 @@ import errno
 import io
 import json
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -170,6 +171,39 @@ def float_npz(ctx: Ctx) -> None:
     np.savez(ctx.tmp / "data.npz", train_images=rng.random((20, 8, 8)).astype(np.float32),
              train_labels=np.arange(20) % 2, test_images=rng.random((6, 8, 8)).astype(np.float32),
              test_labels=np.arange(6) % 2)
+
+
+def truncated_jpeg(ctx: Ctx) -> None:
+    """A JPEG cut short after its headers: it passes a streamed folder's listing (Image.verify reads
+    no pixels) and fails in the DataLoader worker that decodes it."""
+    image_tree(ctx.tmp / "images")
+    path = ctx.tmp / "images" / "class1" / "cut.jpg"
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(path, quality=95)
+    raw = path.read_bytes()
+    path.write_bytes(raw[: len(raw) * 2 // 3])
+
+
+def cifar_batches(test_batch) -> Callable[[Ctx], None]:
+    """CIFAR-10 python batches under {tmp}/cifar, whose test_batch pickles ``test_batch``."""
+    def setup(ctx: Ctx) -> None:
+        folder = ctx.tmp / "cifar" / "cifar-10-batches-py"
+        folder.mkdir(parents=True)
+        good = {b"data": np.zeros((4, 3072), np.uint8), b"labels": [0, 1, 2, 3]}
+        for name, content in [(f"data_batch_{i}", good) for i in range(1, 6)] + [("test_batch", test_batch)]:
+            (folder / name).write_bytes(pickle.dumps(content))
+        (folder / "batches.meta").write_bytes(pickle.dumps({b"label_names": [f"c{i}".encode() for i in range(10)]}))
+    return setup
+
+
+def npz_arrays(**arrays) -> Callable[[Ctx], None]:
+    def setup(ctx: Ctx) -> None:
+        np.savez(ctx.tmp / "data.npz", **arrays)
+    return setup
+
+
+def complex_volume(ctx: Ctx) -> None:
+    volume_tree(ctx.tmp / "vols")
+    np.save(ctx.tmp / "vols" / "class1" / "3.npy", np.ones((8, 8, 8), np.complex64))
 
 
 def read_only_out(ctx: Ctx) -> None:
@@ -446,6 +480,19 @@ CATALOGUE = [
     case("npz-not-an-archive", files(data__npz="hello"), train("data.name=npz", "data.options={}",
                                                                "data.root={tmp}/data.npz"),
          "{tmp}/data.npz", "not a .npz archive"),
+    case("truncated-jpeg-in-a-streamed-folder", truncated_jpeg,
+         train(*IMAGEFOLDER, "data.options.stream=true", "data.workers=1"), "cannot decode {tmp}/images/class1/cut.jpg",
+         "image file is truncated", "check only file headers", "python -m vitlab.data.check_images {tmp}/images"),
+    case("cifar-batch-not-a-dict", cifar_batches(5), train("data.name=cifar10", "data.options={}",
+                                                           "data.root={tmp}/cifar"),
+         "{tmp}/cifar/cifar-10-batches-py/test_batch", "not a CIFAR python batch", "not a dict"),
+    case("cifar-pixel-above-255", cifar_batches({b"data": [[300] * 3072] * 2, b"labels": [0, 1]}),
+         train("data.name=cifar10", "data.options={}", "data.root={tmp}/cifar"),
+         "{tmp}/cifar/cifar-10-batches-py/test_batch", "0..255", "300"),
+    case("npz-empty", npz_arrays(train_images=np.zeros((0, 8, 8), np.uint8), train_labels=np.zeros(0, np.int64)),
+         train("data.name=npz", "data.options={}", "data.root={tmp}/data.npz"), "{tmp}/data.npz", "no training images"),
+    case("volume-complex-valued", complex_volume, train("data.name=volumes", "data.options={}", "data.root={tmp}/vols"),
+         "{tmp}/vols/class1/3.npy", "complex"),
     case("volume-for-2d-model", lambda ctx: volume_tree(ctx.tmp / "vols") and None,
          train("data.name=volumes", "data.options={}", "data.root={tmp}/vols", "model.img_size=[8, 8]"),
          "3D volumes", "2D model"),

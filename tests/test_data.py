@@ -169,6 +169,36 @@ def test_cifar100_fine_and_coarse_labels(tmp_path):
         load_dataset("cifar100", str(tmp_path))
 
 
+
+@pytest.mark.parametrize("content,words", [
+    (5, ["not a CIFAR python batch", "int", "not a dict"]),  # was a TypeError ("argument of type 'int' ...")
+    ([1, 2], ["not a CIFAR python batch", "list"]),
+    ({b"data": [[300] * 3072, [0] * 3072], b"labels": [0, 1]}, ["pixel values", "0..255", "300"]),  # OverflowError
+    ({b"data": np.full((2, 3072), 256, np.int64), b"labels": [0, 1]}, ["0..255", "256"]),  # would wrap to 0
+    ({b"data": np.full((2, 3072), -1, np.int16), b"labels": [0, 1]}, ["0..255", "-1"]),
+    ({b"data": np.full((2, 3072), 0.5), b"labels": [0, 1]}, ["integers 0..255", "0.5"]),
+    ({b"data": [["a"] * 3072] * 2, b"labels": [0, 1]}, ["pixel data is <U1", "uint8"]),
+])
+def test_cifar_bad_batch_is_a_one_line_error_naming_the_file(tmp_path, content, words):
+    write_cifar(tmp_path / "cifar-10-batches-py")
+    with open(tmp_path / "cifar-10-batches-py" / "test_batch", "wb") as f:
+        pickle.dump(content, f)
+    with pytest.raises(ValueError) as err:
+        load_dataset("cifar10", str(tmp_path))
+    msg = str(err.value)
+    assert "\n" not in msg and "cifar-10-batches-py/test_batch" in msg, msg
+    assert all(w in msg for w in words), msg
+
+
+def test_cifar_integer_pixels_in_range_load_as_uint8(tmp_path):
+    batches = write_cifar(tmp_path / "cifar-10-batches-py")
+    test = batches["test_batch"]
+    as_lists = {b"data": test[b"data"].astype(np.int64).tolist(), b"labels": test[b"labels"]}  # a re-pickled copy
+    with open(tmp_path / "cifar-10-batches-py" / "test_batch", "wb") as f:
+        pickle.dump(as_lists, f)
+    bundle = load_dataset("cifar10", str(tmp_path))
+    assert torch.equal(bundle.test.images, torch.from_numpy(test[b"data"].reshape(-1, 3, 32, 32)))
+
 # --- imagefolder ----------------------------------------------------------------------------------------------
 
 def make_tree(root: Path):
@@ -220,7 +250,7 @@ def test_imagefolder_empty_class_folder_raises_naming_it(tmp_path):
         load_dataset("imagefolder", str(tmp_path / "tree"), img_size=8)
 
 
-@pytest.mark.parametrize("train,test", [("Training", "Testing"), ("train", "test")])
+@pytest.mark.parametrize("train,test", [("Training", "Testing"), ("train", "test"), ("train", "val")])
 def test_imagefolder_split_layout(tmp_path, train, test):
     root = tmp_path / "mri"
     for split, n in ((train, 3), (test, 2)):
@@ -234,6 +264,39 @@ def test_imagefolder_split_layout(tmp_path, train, test):
     with pytest.raises(ValueError, match=r"only in test: \['pituitary'\]"):
         load_dataset("imagefolder", str(root), img_size=16)
 
+
+
+def test_imagenet_train_val_layout_val_is_the_test_set(tmp_path):
+    """ImageNet's train/ + val/: val/ is the held-out test set (what ImageNet papers report), read
+    like train/ + test/ (it used to be dropped silently: no test set at all). With train/, val/ and
+    test/ all there, test/ is the test set and a warning says val/ is not read."""
+    root = tmp_path / "imagenet"
+    for part, n in (("train", 4), ("val", 2)):
+        for c in ("n01", "n02"):
+            for i in range(n):
+                save_image(root / part / c / f"{i}.JPEG", np.full((12, 10, 3), 50 * i + (100 if part == "val" else 0),
+                                                                   np.uint8))
+    for stream in (False, True):
+        bundle = load_dataset("imagefolder", str(root), img_size=8, stream=stream)
+        assert len(bundle.train) == 8 and len(bundle.test) == 4, stream
+        assert bundle.train.classes == bundle.test.classes == ["n01", "n02"]
+        assert bundle.test.labels.tolist() == [0, 0, 1, 1]
+    vols = tmp_path / "vols"  # the volumes source shares the layouts
+    for part in ("train", "val"):
+        for c in ("a", "b"):
+            (vols / part / c).mkdir(parents=True)
+            np.save(vols / part / c / "0.npy", np.random.default_rng(0).random((4, 4, 4)))
+    assert len(load_dataset("volumes", str(vols)).test) == 2
+    for c in ("n01", "n02"):
+        save_image(root / "test" / c / "0.png", np.zeros((12, 10, 3), np.uint8))
+    with pytest.warns(UserWarning, match=r"val/, which is not read"):
+        bundle = load_dataset("imagefolder", str(root), img_size=8)
+    assert len(bundle.test) == 2
+    only_train = tmp_path / "only"
+    save_image(only_train / "train" / "a" / "0.png", np.zeros((4, 4), np.uint8))
+    save_image(only_train / "train" / "b" / "0.png", np.zeros((4, 4), np.uint8))
+    bundle = load_dataset("imagefolder", str(only_train), img_size=4)
+    assert bundle.test is None and bundle.train.classes == ["a", "b"]
 
 def test_imagefolder_native_size_must_agree(tmp_path):
     save_image(tmp_path / "t" / "a" / "0.png", np.zeros((8, 8), np.uint8))
@@ -268,6 +331,16 @@ def test_npz_medmnist_layout(tmp_path):
     with pytest.raises(ValueError, match="multi-label"):
         load_dataset("npz", str(tmp_path / "multi.npz"))
 
+
+
+def test_npz_without_training_images_is_an_error_naming_the_file(tmp_path):
+    np.savez(tmp_path / "empty.npz", train_images=np.zeros((0, 8, 8), np.uint8), train_labels=np.zeros(0, np.int64))
+    with pytest.raises(ValueError) as err:  # was "max() arg is an empty sequence", no file named
+        load_dataset("npz", str(tmp_path / "empty.npz"))
+    assert "empty.npz" in str(err.value) and "no training images" in str(err.value)
+    np.savez(tmp_path / "complex.npz", train_images=np.ones((2, 8, 8), np.complex64), train_labels=np.array([0, 1]))
+    with pytest.raises(ValueError, match=r"complex\.npz: train_images is complex64; expected uint8"):
+        load_dataset("npz", str(tmp_path / "complex.npz"))
 
 def test_to_unit_minmax_percentile_and_window():
     from vitlab.data.intensity import to_unit
@@ -393,6 +466,65 @@ def test_volumes_nifti_channel_count_must_agree(tmp_path):
     bundle = load_dataset("volumes", str(root))
     assert bundle.train.images.shape == (1, 1, 5, 6, 7) and bundle.train.images.max() == 255
 
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_volumes_non_finite_voxels_count_as_zero(tmp_path, bad):
+    """A NaN or infinite voxel is 0 before the intensity mapping: +inf used to stretch min-max
+    scaling so far that the rest of the volume collapsed to one grey level."""
+    ramp = np.arange(4 * 4 * 4, dtype=np.float32).reshape(4, 4, 4) - 10
+    poisoned = ramp.copy()
+    poisoned[0, 0, 0] = bad
+    zeroed = ramp.copy()
+    zeroed[0, 0, 0] = 0
+    for cls, vol in (("a", poisoned), ("b", zeroed)):
+        (tmp_path / "v" / cls).mkdir(parents=True)
+        np.save(tmp_path / "v" / cls / "0.npy", vol)
+    images = load_dataset("volumes", str(tmp_path / "v")).train.images
+    assert torch.equal(images[0], images[1]) and torch.unique(images[0]).numel() == 63  # the zeroed voxel repeats the ramp's own 0
+
+
+def test_volumes_complex_values_are_refused_naming_the_file(tmp_path):
+    nib = pytest.importorskip("nibabel", reason="NIfTI needs nibabel")
+    (tmp_path / "v" / "a").mkdir(parents=True)
+    (tmp_path / "v" / "b").mkdir()
+    np.save(tmp_path / "v" / "a" / "0.npy", np.ones((4, 4, 4), np.float32))
+    np.save(tmp_path / "v" / "b" / "k.npy", np.ones((4, 4, 4), np.complex64) * (1 + 2j))
+    with pytest.raises(ValueError, match=r"b/k\.npy holds complex values"):  # was: imaginary part dropped
+        load_dataset("volumes", str(tmp_path / "v"))
+    (tmp_path / "v" / "b" / "k.npy").unlink()
+    nib.save(nib.Nifti1Image(np.ones((4, 4, 4), np.complex64), np.eye(4)), str(tmp_path / "v" / "b" / "k.nii"))
+    with pytest.raises(ValueError, match=r"b/k\.nii holds complex values"):
+        load_dataset("volumes", str(tmp_path / "v"))
+
+
+def test_volumes_nifti_reoriented_to_closest_canonical(tmp_path):
+    """The same anatomy stored with different affines (mirrored x, axes permuted, LPS) loads as the
+    same RAS+ array; it used to load as stored, mirrored or transposed."""
+    nib = pytest.importorskip("nibabel", reason="NIfTI needs nibabel")
+    from vitlab.data.volumes import read_volume
+
+    ras = np.random.default_rng(0).random((5, 6, 7)).astype(np.float32)  # axes: +x (R), +y (A), +z (S)
+    root = tmp_path / "v"
+    (root / "a").mkdir(parents=True)
+    (root / "b").mkdir()
+    nib.save(nib.Nifti1Image(ras, np.eye(4)), str(root / "a" / "ras.nii.gz"))
+    nib.save(nib.Nifti1Image(ras[::-1].copy(), np.diag([-1.0, 1, 1, 1])), str(root / "a" / "las.nii.gz"))
+    lps = ras[::-1, ::-1].copy()
+    nib.save(nib.Nifti1Image(lps, np.diag([-1.0, -1, 1, 1])), str(root / "b" / "lps.nii"))
+    swapped = np.ascontiguousarray(ras.transpose(2, 0, 1))  # stored (S, R, A): voxel axis 0 runs along z
+    perm = np.zeros((4, 4))
+    perm[2, 0] = perm[0, 1] = perm[1, 2] = perm[3, 3] = 1
+    nib.save(nib.Nifti1Image(swapped, perm), str(root / "b" / "sra.nii.gz"))
+    four = np.stack([ras, 2 * ras], -1)[::-1].copy()  # (H, W, D, C), mirrored x
+    nib.save(nib.Nifti1Image(four, np.diag([-1.0, 1, 1, 1])), str(root / "b" / "four.nii.gz"))
+    for name in ("a/ras.nii.gz", "a/las.nii.gz", "b/lps.nii", "b/sra.nii.gz"):
+        assert np.array_equal(read_volume(root / name)[0], ras), name
+    assert np.array_equal(read_volume(root / "b" / "four.nii.gz")[1], 2 * ras)
+    (root / "b" / "four.nii.gz").unlink()
+    images = load_dataset("volumes", str(root)).train.images
+    assert all(torch.equal(images[0], images[i]) for i in range(1, 4))
+    assert np.array_equal(read_volume(root / "a" / "ras.nii.gz")[0], ras)  # RAS+ files are read as stored
 
 @pytest.mark.skipif(not (MRICRON_SYSTEM / "aal.nii.gz").is_file(),
                     reason="needs Debian's mricron-data (/usr/share/mricron/templates)")
@@ -590,6 +722,46 @@ def test_make_splits_official_test_and_80_10_10_roundtrip_json():
     with pytest.raises(ValueError, match="lacks key"):
         split_from_json({"train": []})
 
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_pooled_split_of_a_training_testing_tree(tmp_path, stream):
+    """data.split=pooled (load_dataset(pool_test=True)): Kaggle's Training/ + Testing/ pooled and
+    split stratified 80/10/10, as the PoPE study did; ``limit`` applies to the pooled images."""
+    root = tmp_path / "mri"
+    for part, n in (("Training", 16), ("Testing", 4)):
+        for c in ("glioma", "meningioma", "notumor", "pituitary"):
+            for i in range(n):
+                save_image(root / part / c / f"{i}.png", np.full((8, 8), 10 * i + (5 if part == "Testing" else 0),
+                                                                 np.uint8))
+    official = load_dataset("imagefolder", str(root), img_size=8, channels=1, stream=stream)
+    pooled = load_dataset("imagefolder", str(root), img_size=8, channels=1, stream=stream, pool_test=True)
+    assert pooled.test is None and pooled.pooled and len(pooled.train) == 80
+    assert torch.equal(pooled.train.labels, torch.cat([official.train.labels, official.test.labels]))
+    split = make_splits(pooled, val_fraction=0.1, test_fraction=0.1, seed=0, check_leakage=False)
+    assert split["scheme"] == "80/10/10 (pooled: train + official test)"
+    assert [len(split[k]) for k in ("train", "val", "test")] == [64, 8, 8]
+    for k in ("val", "test"):  # stratified: 2 of each class
+        assert torch.bincount(pooled.train.labels[split[k]]).tolist() == [2, 2, 2, 2]
+    assert make_splits(official, check_leakage=False)["scheme"] == "official-test"
+    small = load_dataset("imagefolder", str(root), img_size=8, channels=1, stream=stream, pool_test=True, limit=40)
+    assert len(small.train) == 40 and small.test is None
+    assert (small.train.labels.bincount() == 10).all()
+    with pytest.raises(ValueError, match="val_fraction \\+ test_fraction must be < 1"):
+        make_splits(pooled, val_fraction=0.5, test_fraction=0.5, check_leakage=False)
+
+
+def test_split_keys_in_the_config_and_the_pope_presets():
+    from vitlab.config import DataSection, load_config
+
+    assert (DataSection().split, DataSection().test_fraction) == ("official", 0.1)
+    for preset in ("brain-mri-pope", "brain-mri-pope-quick"):  # DESIGN: the study's stratified 80/10/10
+        d = load_config(preset).data
+        assert (d.split, d.val_fraction, d.test_fraction) == ("pooled", 0.1, 0.1), preset
+    with pytest.raises(ValueError, match="data.split"):
+        load_config("brain-mri-pope", ["data.split=merged"])
+    with pytest.raises(ValueError, match="data.test_fraction"):
+        load_config("brain-mri-pope", ["data.test_fraction=1.5"])
 
 def test_imagefolder_stream_checks_files_and_decodes_on_demand(tmp_path):
     import numpy as np

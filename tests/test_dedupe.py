@@ -151,6 +151,34 @@ def test_dedupe_removes_them_and_keeps_the_split_stratified(official_test):
     assert "data.dedupe removed 3 training-pool images" in leakage_line(split_to_json(split))
 
 
+
+def test_pooled_official_test_set_is_checked_and_deduped_like_a_pool():
+    """data.split=pooled: the official test set joins the pool, which is split 70/20/10 here; the
+    leakage check sees the same pairs, and dedupe keeps the first of each (the originals in the
+    former training set), so no near-duplicate crosses a boundary."""
+    from vitlab.data.load import pool_test_set
+
+    official, src = bundle_with_copies(True)
+    bundle = pool_test_set(official)
+    n_train, n = len(official.train), len(bundle.train)
+    assert bundle.test is None and bundle.pooled and n == n_train + len(official.test)
+    assert torch.equal(bundle.train.images[n_train:], official.test.images)
+    split = make_splits(bundle, val_fraction=0.2, test_fraction=0.1, seed=1)
+    assert split["scheme"] == "70/20/10 (pooled: train + official test)"
+    assert all(abs(len(split[k]) - f * n) <= 1 for k, f in (("train", 0.7), ("val", 0.2), ("test", 0.1)))
+    assert set(split["test"].tolist()) & set(range(n_train, n))  # former test images in every part
+    assert set(split["train"].tolist()) & set(range(n_train, n))
+    rec = split["leakage"]
+    assert (rec["pairs"], rec["duplicates"], rec["removed"]) == (3, 6, 0)
+    assert {k: v for k, v in rec.items() if k.startswith("cross_")} == brute_crossings(bundle, split)
+    deduped = make_splits(bundle, val_fraction=0.2, test_fraction=0.1, seed=1, dedupe=True)
+    assert deduped["leakage"]["removed"] == 3
+    assert brute_crossings(bundle, deduped) == {k: 0 for k in ("cross_train_test", "cross_train_val", "cross_val_test")}
+    used = torch.cat([deduped[k] for k in ("train", "val", "test")]).tolist()
+    assert sorted(set(range(n)) - set(used)) == [n - 3, n - 2, n - 1]  # the copies, last in the pool
+    back = split_from_json(json.loads(json.dumps(split_to_json(deduped))))
+    assert back["scheme"] == deduped["scheme"] and torch.equal(back["test"], deduped["test"])
+
 def test_split_is_deterministic_and_round_trips_json():
     bundle, _ = bundle_with_copies(False)
     a = make_splits(bundle, seed=5, dedupe=True)

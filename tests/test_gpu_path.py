@@ -123,6 +123,41 @@ def test_precision_auto_is_bf16_on_a_bf16_gpu(monkeypatch):
     assert resolve_precision("auto", torch.device("cuda", 0)) == "fp32"
 
 
+def test_each_torchrun_process_takes_its_local_rank_gpu(monkeypatch):
+    """train.device=cuda under torchrun must mean cuda:LOCAL_RANK, as auto does (it put every process
+    on the current GPU, and NCCL refuses two ranks on one GPU); cuda:N is refused there."""
+    from vitlab.train.distributed import DistInfo
+    from vitlab.train.loop import pick_device
+
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    rank1 = DistInfo(rank=1, world=2, local_rank=1)
+    assert pick_device("cuda", rank1) == torch.device("cuda", 1)
+    assert pick_device("auto", rank1) == torch.device("cuda", 1)
+    assert pick_device("cuda") == torch.device("cuda", 0) and pick_device("cuda:1") == torch.device("cuda", 1)
+    assert chosen == [torch.device("cuda", i) for i in (1, 1, 0, 1)]
+    with pytest.raises(ValueError, match="all 2 torchrun processes on one GPU"):
+        pick_device("cuda:0", rank1)
+    assert pick_device("cpu", rank1) == torch.device("cpu")
+
+
+def test_random_draws_reach_a_gpu_through_pinned_memory(monkeypatch):
+    """A copy from ordinary host memory to a GPU makes the host wait for the GPU; augmentation's
+    draws go through pinned memory without blocking (recorded here, as this machine has no GPU)."""
+    from vitlab.train.augment import to_device
+
+    calls = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: calls.append("pin") or self)
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **k: calls.append((a, k)) or self)
+    t = torch.zeros(3)
+    to_device(t, torch.device("cuda", 0))
+    assert calls == ["pin", ((torch.device("cuda", 0),), {"non_blocking": True})]
+    calls.clear()
+    assert to_device(t, torch.device("cpu")) is t and not calls
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given when there is no GPU")
 def test_bench_cuda_without_a_gpu_is_one_line(capsys):
     from vitlab.cli import main
@@ -192,3 +227,46 @@ def test_attention_kernels_names_sdpa_fallbacks():
     assert attention_kernels(run) == "math"
     assert attention_kernels(lambda: F.scaled_dot_product_attention(q, q, q)) == "flash (cpu)"
     assert attention_kernels(lambda: (q @ q.transpose(-1, -2)).softmax(-1) @ q) == "written out"
+
+
+# Ops after which the host waits for the GPU: reading a value back, or an error check on one.
+HOST_SYNC_OPS = {"_local_scalar_dense", "_linalg_check_errors", "nonzero", "masked_select", "unique",
+                 "_unique2", "is_nonzero", "equal", "item"}
+
+
+def sync_ops_in_train_step(model, x):
+    """Names of host-synchronising ops in one forward and backward pass (read at the dispatcher, so
+    on the CPU the ops a CUDA step would run)."""
+    import collections
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        seen = collections.Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func._schema.name.split("::")[-1]
+            if name in HOST_SYNC_OPS:
+                self.seen[name] += 1
+            return func(*args, **(kwargs or {}))
+
+    with Record() as rec:
+        F.cross_entropy(model(x).float(), torch.zeros(len(x), dtype=torch.long)).backward()
+    return dict(rec.seen)
+
+
+def test_no_train_step_makes_the_gpu_wait():
+    """A host sync inside the model stalls every layer on CUDA (STRING's linalg.solve did: its error
+    check read the GPU's status four times a step). No PE x kernel may have one."""
+    found = {}
+    for qk in vitlab.QK_PES.names():
+        for attn in vitlab.KERNELS.names():
+            m = vitlab.create_model(img_size=16, patch_size=4, dim=48, depth=2, heads=4, num_classes=5,
+                                    qk_pe=qk, attn=attn, token_pe="learned")
+            if ops := sync_ops_in_train_step(m, torch.randn(2, 3, 16, 16)):
+                found[f"{qk}+{attn}"] = ops
+    volume = vitlab.create_model(size="volume", img_size=(16, 16, 8), patch_size=(8, 8, 4), in_chans=1,
+                                 num_classes=3, token_pe="learned3d", qk_pe="string_cayley")
+    if ops := sync_ops_in_train_step(volume, torch.randn(2, 1, 16, 16, 8)):
+        found["volume"] = ops
+    assert not found, found

@@ -93,6 +93,38 @@ def test_input_bench_cli(tree, capsys):
     assert "need --input" in capsys.readouterr().err
 
 
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_truncated_jpeg_in_a_streamed_folder_is_one_line_naming_it(tree, workers, capsys):
+    """A truncated JPEG passes a streamed folder's listing (Image.verify reads no pixels) and fails
+    when a worker decodes it: one line naming the file and what to do, not the worker's 20-line
+    traceback; ``python -m vitlab.data.check_images`` lists it."""
+    from vitlab.data import check_images
+    from vitlab.data.imagefolder import UnreadableImageError
+    from vitlab.train.feed import make_feed
+
+    bad = tree / "n01" / "3.JPEG"
+    raw = bad.read_bytes()
+    bad.write_bytes(raw[: len(raw) * 2 // 3])  # headers whole, scan data cut short
+    ds = load_dataset("imagefolder", str(tree), img_size=16, stream=True).train  # on_bad_image=skip: listed anyway
+    assert bad in ds.paths
+    with pytest.raises(UnreadableImageError) as err:
+        for _ in make_feed(ds, torch.device("cpu"), workers=workers).batches(torch.arange(len(ds)), 8):
+            pass
+    msg = str(err.value)
+    assert isinstance(err.value, ValueError) and "\n" not in msg and "Traceback" not in msg, msg
+    assert msg.startswith(f"imagefolder: cannot decode {bad} (OSError: image file is truncated"), msg
+    assert "check only file headers" in msg and "delete or replace it" in msg, msg
+    assert f"python -m vitlab.data.check_images {tree}`" in msg, msg
+    assert (err.value.worker_traceback is not None) == (workers > 0)
+    assert check_images.main([str(tree)]) == 1
+    out = capsys.readouterr()
+    lines = out.out.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{bad}: OSError: image file is truncated"), out.out
+    assert "1 file(s)" in out.err
+    bad.unlink()
+    assert check_images.main([str(tree), "--workers", "2"]) == 0
+
 SPAWNED_FEED = """
 import multiprocessing, sys, torch
 from vitlab.data import load_dataset

@@ -57,7 +57,7 @@ def _data(preset: str, tmp: Path) -> list:
         return [f"data.root={tmp / 'cifar-10-batches-py'}"]
     if family == "imagenet100-clearvit":  # one tree, split 80/10/10 by vitlab; streamed by a worker
         return [f"data.root={_folder(tmp / 'imagenet', {'': 20})}", "data.workers=1"]
-    if family == "brain-mri-pope":  # Training/ + Testing/, grey PNGs read as 3 channels
+    if family == "brain-mri-pope":  # Training/ + Testing/ (pooled by the preset), grey PNGs read as 3 channels
         return [f"data.root={_folder(tmp / 'mri', {'Training': 12, 'Testing': 4}, (56, 56), 'L', '.png')}"]
     if family == "volume-3d":  # Debian's mricron-data
         return ["data.options.per_class=6"]
@@ -65,7 +65,7 @@ def _data(preset: str, tmp: Path) -> list:
 
 
 @pytest.mark.parametrize("preset", PRESETS)
-def test_every_preset_trains_on_data_in_its_real_format(preset, tmp_path):
+def test_every_preset_trains_on_data_in_its_real_format(preset, tmp_path, capsys):
     out = tmp_path / "run"
     argv = ["train", preset, *_data(preset, tmp_path), "train.epochs=1", "train.warmup_epochs=0.5",
             "train.batch_size=8", "train.eval_batch_size=32", "eval.resolution_images=8", "eval.attention_images=2",
@@ -76,6 +76,17 @@ def test_every_preset_trains_on_data_in_its_real_format(preset, tmp_path):
     assert (out / "predictions.npz").is_file() and final["test_size"] > 0
     shape = STUDY_SHAPES.get(preset, {})
     assert {k: final["model"][k] for k in shape} == shape
+    if preset.startswith("brain-mri-pope"):  # the study's stratified 80/10/10 of Training/ + Testing/ pooled
+        split = json.loads((out / "split.json").read_text())
+        assert split["scheme"] == "80/10/10 (pooled: train + official test)"
+        n = 4 * (12 + 4)
+        assert sum(len(split[k]) for k in ("train", "val", "test")) == n and final["test_size"] == len(split["test"])
+        assert all(abs(len(split[k]) - f * n) <= 1 for k, f in (("train", 0.8), ("val", 0.1), ("test", 0.1)))
+        if preset.endswith("-quick"):  # vitlab eval rebuilds the pooled split and checks it against split.json
+            capsys.readouterr()
+            assert main(["eval", str(out), "--json", "--device", "cpu"]) == 0
+            res = json.loads(capsys.readouterr().out)
+            assert res["test_size"] == len(split["test"]) and res["acc1"] == final["acc1"]
 
 
 def _quick_studies():

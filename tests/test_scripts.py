@@ -46,6 +46,14 @@ def test_gpu_bench_dry_run_on_cpu(tmp_path):
     final = json.loads((tmp_path / "train.json").read_text())
     assert final["acc1"] > 0.2 and final["status"] == "finished" and final["precision"] == "bf16" and "== train: done" in r.stderr
 
+    # a second go into the same OUTDIR (after a fix, say) re-runs the training run rather than refusing;
+    # env says whether torch.compile can build kernels before tiny-compile spends minutes finding out
+    again = subprocess.run(["bash", str(ROOT / "scripts/gpu-bench.sh"), str(tmp_path), "env", "train"],
+                           capture_output=True, text=True, env=env, timeout=600)
+    assert again.returncode == 0 and "== train: done" in again.stderr, again.stderr[-2000:]
+    info = (tmp_path / "env.txt").read_text()
+    assert "torch.compile on cpu: ok" in info and "Python.h" in info and "torch" in info
+
     bad = subprocess.run(["bash", str(ROOT / "scripts/gpu-bench.sh"), str(tmp_path), "cifar-fp16"],
                          capture_output=True, text=True, env=env)
     assert bad.returncode == 2 and "unknown part 'cifar-fp16'" in bad.stderr

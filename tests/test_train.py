@@ -171,9 +171,25 @@ def test_ema_accumulation_and_early_stopping(tmp_path):
     assert final["epochs"] < 20 and "early stop" in final["reason"]
 
 
-def test_class_weighted_loss_and_bf16_train(tmp_path):
+def test_class_weighted_loss_and_bf16_train(tmp_path, monkeypatch):
+    """A bf16 run runs every forward under bf16 autocast: training, evaluation, the probes and the
+    inference timing in final.json (timed in fp32 before, ~10x slower than the run on a GPU)."""
+    import vitlab.train.loop as loop
+
+    forwards = []
+    build = loop.build_model
+
+    def recording_build(*a, **k):
+        model, mcfg = build(*a, **k)
+        model.register_forward_pre_hook(
+            lambda mod, args: forwards.append((len(args[0]), torch.is_autocast_enabled("cpu"))))
+        return model, mcfg
+
+    monkeypatch.setattr(loop, "build_model", recording_build)
     final = train_run(syn_cfg("train.class_weighted=true", "train.precision=bf16"), tmp_path / "r", progress=False)
     assert final["acc1"] > 0.4
+    assert len(forwards) > 20 and all(on for _, on in forwards), [f for f in forwards if not f[1]]
+    assert forwards[-1][0] == final["infer_batch"]  # the timing forwards were among those checked
 
 
 @pytest.mark.skipif(not Path("/usr/share/mricron/templates/ch2.nii.gz").is_file(),
@@ -190,6 +206,9 @@ def test_volume_preset_on_real_mri(tmp_path):
      ["3D volumes (8, 8, 8)", "2D model"]),
     (["train", "fashion-mnist-quick", "model.name=timm:resnet18", "model.pretrained=/no/such/weights.pth"],
      ["weights file not found"]),
+    (["train", "fashion-mnist-quick", *SYN, "data.options.img_size=[8, 8, 8]", "model.patch_size=[4, 4, 4]", "model.dim=48",
+      "data.random_erasing=0.25", "data.crop_pad=2"],  # RandomErasing crashed on volumes, crop_pad was skipped
+     ["data.crop_pad, data.random_erasing: 2D image augmentation", "3D volumes"]),
     (["validate", "fashion-mnist-quick", "train.lrr=1"], ["unknown key 'train.lrr'"]),
     (["eval", "/nonexistent/run"], ["not a vitlab run directory"]),
 ])
@@ -269,3 +288,42 @@ def test_run_files_get_the_usual_permissions(tmp_path):
         pass
     assert (tmp_path / "final.json").stat().st_mode & 0o777 == 0o666 & ~umask
     assert (tmp_path / "final.json").stat().st_mode & 0o777 == (tmp_path / "plain.txt").stat().st_mode & 0o777
+
+
+def test_normalisation_statistics_cover_a_class_ordered_split(tmp_path):
+    """Folder splits are in class order: the statistics come from images spread over the whole
+    training split, not its first 4096 (before: the first classes' statistics only)."""
+    from vitlab.data.base import ArrayDataset
+    from vitlab.train.feed import make_feed, spread_index
+
+    labels = torch.arange(10).repeat_interleave(1000)  # class-ordered, class c has brightness 20 c
+    images = (labels * 20).to(torch.uint8).view(-1, 1, 1, 1).expand(-1, 1, 4, 4).contiguous()
+    feed = make_feed(ArrayDataset(images, labels, [str(c) for c in range(10)], "ordered"), torch.device("cpu"))
+    spread = feed.spread(4096)
+    assert set(torch.bincount(labels[spread_index(len(labels), 4096)]).tolist()) == {409, 410}
+    assert abs(spread.float().mean() - images.float().mean()) < 0.5  # 90 of 90
+    assert abs(feed.sample(4096).float().mean() - images.float().mean()) > 40  # the old sample: 39.4
+    assert torch.equal(feed.spread(20000), images) and spread_index(5, 5).tolist() == [0, 1, 2, 3, 4]
+
+
+def test_repeated_augmentation_keeps_an_epoch_one_split_long():
+    """DeiT's RASampler: an epoch of n items holds ceil(n / 3) images, each 3 times in a row (so in
+    one batch, differently augmented); before, an epoch was 3 n items, 3x the reference's compute."""
+    from vitlab.train.loop import epoch_order
+
+    gen = torch.Generator().manual_seed(0)
+    order = epoch_order(100, 3, gen)
+    assert order.shape == (100,)
+    images = order[::3]
+    assert len(set(images.tolist())) == 34 and torch.equal(order, images.repeat_interleave(3)[:100])
+    plain = epoch_order(100, 1, torch.Generator().manual_seed(0))
+    assert sorted(plain.tolist()) == list(range(100))
+    assert torch.equal(plain, torch.randperm(100, generator=torch.Generator().manual_seed(0)))  # unchanged
+
+
+def test_repeated_augmentation_run_has_the_same_steps_per_epoch(tmp_path):
+    seen = {}
+    for r in (1, 3):
+        train_run(syn_cfg("train.epochs=1", f"data.repeated_aug={r}"), tmp_path / f"r{r}", progress=False)
+        seen[r] = torch.load(tmp_path / f"r{r}" / "checkpoints" / "last.pt", weights_only=True)["run"]["imgs"]
+    assert seen[3] == seen[1] > 0, seen

@@ -375,6 +375,7 @@ def _machine(dev: torch.device) -> dict:
         info["gpu"] = torch.cuda.get_device_name(dev)
         info["cuda"] = torch.version.cuda
         info["tf32_matmul"] = torch.backends.cuda.matmul.allow_tf32
+        info["tf32_cudnn"] = torch.backends.cudnn.allow_tf32  # convolutions (the patch embedding)
     return info
 
 
@@ -426,7 +427,7 @@ def run_input_bench(config: str, overrides: Optional[List[str]] = None, workers:
     from .config import load_config
     from .data import load_dataset
     from .data.base import FileDataset
-    from .train.augment import BatchAugment
+    from .train.augment import BatchAugment, check_dims
     from .train.feed import make_feed
     from .train.loop import pick_device
 
@@ -458,6 +459,7 @@ def run_input_bench(config: str, overrides: Optional[List[str]] = None, workers:
         log(f"note: --workers {','.join(map(str, workers))} does not apply: the data is held in memory (no "
             f"DataLoader workers); data.options.stream=true decodes a folder with workers")
     channels = ds.item_shape[0]
+    check_dims(cfg.data, len(ds.item_shape) - 1)
     rows = []
     for w in counts:
         feed = make_feed(ds, device, w or 0, seed)

@@ -30,6 +30,12 @@ class DataSection(BaseModel):
     root: Optional[str] = None
     limit: Optional[int] = Field(None, ge=1, description="use at most N training images, stratified")
     val_fraction: float = Field(0.1, gt=0, lt=1)
+    split: Literal["official", "pooled"] = Field(
+        "official", description="official: a dataset's own test set (Testing/, test/, val/, t10k, ...) is the test "
+        "set and val is carved from its training set; pooled: its training and test sets are pooled and split "
+        "stratified (1 - val_fraction - test_fraction)/val_fraction/test_fraction")
+    test_fraction: float = Field(0.1, gt=0, lt=1, description="test share of the split when there is no official "
+                                 "test set to use (data.split=pooled, or a dataset without one)")
     split_seed: int = Field(0, ge=0, le=MAX_SEED, description="seed of the stratified split: the same for every arm and seed of a comparison")
     dedupe: bool = Field(False, description="drop perceptual-hash near-duplicates from the pool before splitting "
                          "(the official test set is kept whole); the leakage check runs either way")
@@ -49,7 +55,9 @@ class DataSection(BaseModel):
     cutmix: float = Field(0.0, ge=0, description="CutMix alpha (0 = off)")
     mix_prob: float = Field(1.0, ge=0, le=1)
     random_erasing: float = Field(0.0, ge=0, le=1, description="RandomErasing probability")
-    repeated_aug: int = Field(1, ge=1, description="each image appears this many times per epoch, differently augmented")
+    repeated_aug: int = Field(1, ge=1, description="repeated augmentation (DeiT's RASampler): each batch holds this "
+                              "many differently augmented copies of its images; an epoch stays one training split "
+                              "long, so it draws 1/N of the images")
 
     @field_validator("affine_scale")
     @classmethod

@@ -41,8 +41,8 @@ EXPERIMENT_KEYS = ("base", "overrides", "arms", "grid", "seeds", "baseline", "de
 DEFAULT_STUDY = "default"
 METRICS = ("acc1", "acc5", "auroc_macro")
 #: data keys that define the split: the same for every run of a comparison
-SPLIT_KEYS = ("data.name", "data.root", "data.limit", "data.val_fraction", "data.split_seed", "data.dedupe",
-              "data.dedupe_threshold", "data.options")
+SPLIT_KEYS = ("data.name", "data.root", "data.limit", "data.val_fraction", "data.split", "data.test_fraction",
+              "data.split_seed", "data.dedupe", "data.dedupe_threshold", "data.options")
 STUDY_DIR = Path(str(resources.files("vitlab") / "experiments"))
 
 

@@ -90,14 +90,29 @@ class FileDataset(torch.utils.data.Dataset):
                            self.decode, self._shape)
 
 
+def concat(first: "ArrayDataset | FileDataset", second: "ArrayDataset | FileDataset") -> "ArrayDataset | FileDataset":
+    """``first``'s items followed by ``second``'s (same kind, classes and item shape; a
+    FileDataset keeps ``first``'s decoder)."""
+    if type(first) is not type(second) or list(first.classes) != list(second.classes) \
+            or first.item_shape != second.item_shape:
+        raise ValueError(f"{first.name}: cannot pool {type(first).__name__} {first.item_shape} with "
+                         f"{type(second).__name__} {second.item_shape} (classes {first.classes} vs {second.classes})")
+    labels = torch.cat([first.labels, second.labels])
+    if isinstance(first, FileDataset):
+        return FileDataset(first.paths + second.paths, labels, first.classes, first.name, first.decode, first.item_shape)
+    return ArrayDataset(torch.cat([first.images, second.images]), labels, list(first.classes), first.name)
+
+
 @dataclass
 class DataBundle:
     """What a source returns: the training pool, the official test set (None when the data has no
-    official split) and where it was read from."""
+    official split) and where it was read from. ``pooled``: the pool holds the official test set too
+    (``load_dataset(pool_test=True)``), so the split draws its test set from it."""
 
     train: "ArrayDataset | FileDataset"
     test: "Optional[ArrayDataset | FileDataset]"
     source: str
+    pooled: bool = False
 
     def __post_init__(self):
         if self.test is not None and list(self.test.classes) != list(self.train.classes):

@@ -39,9 +39,30 @@ def _unpickle(path: Path) -> dict:
         raise FileNotFoundError(f"CIFAR batch {path} is missing")
     try:
         with open(path, "rb") as f:
-            return pickle.load(f, encoding="bytes")
+            content = pickle.load(f, encoding="bytes")
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as err:
         raise ValueError(f"{path}: not a CIFAR python batch ({type(err).__name__}: {err})") from None
+    if not isinstance(content, dict):
+        raise ValueError(f"{path}: not a CIFAR python batch (it holds a {type(content).__name__}, not a dict)")
+    return content
+
+
+def _pixels(value, path: Path) -> np.ndarray:
+    """A batch's ``data`` as uint8, refusing what a cast would wrap or truncate (values outside
+    0..255, fractions, non-numbers) instead of corrupting the pixels."""
+    try:
+        data = np.asarray(value)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"{path}: CIFAR pixel data is not an array ({type(err).__name__}: {err})") from None
+    if data.dtype == np.uint8:
+        return data
+    if not (np.issubdtype(data.dtype, np.integer) or np.issubdtype(data.dtype, np.floating)):
+        raise ValueError(f"{path}: CIFAR pixel data is {data.dtype}; expected uint8 values 0..255")
+    bad = ~((data >= 0) & (data <= 255) & (data == np.round(data)))  # NaN compares False: bad too
+    if bad.any():
+        raise ValueError(f"{path}: CIFAR pixel values must be integers 0..255, found {data[bad].flat[0]!r} "
+                         f"({data.dtype})")
+    return data.astype(np.uint8)
 
 
 def _batches(paths: List[Path], label_key: bytes, name: str, classes: List[str]) -> ArrayDataset:
@@ -50,7 +71,7 @@ def _batches(paths: List[Path], label_key: bytes, name: str, classes: List[str])
         batch = _unpickle(path)
         if b"data" not in batch or label_key not in batch:
             raise ValueError(f"{path}: CIFAR batch lacks {b'data'!r} or {label_key!r} (keys: {list(batch)})")
-        data = np.asarray(batch[b"data"], dtype=np.uint8)
+        data = _pixels(batch[b"data"], path)
         if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(data) != len(batch[label_key]):
             raise ValueError(f"{path}: expected (N, 3072) pixels and N labels, got {data.shape} and "
                              f"{len(batch[label_key])}")

@@ -1,24 +1,38 @@
 """Class-per-folder trees, shared by ``imagefolder`` and ``volumes``."""
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
-# Split folder pairs we recognise: Kaggle's brain-tumour MRI layout, then the usual lower-case one.
-SPLIT_PAIRS = (("Training", "Testing"), ("train", "test"))
+# Split folder pairs we recognise, as (training tree, held-out test tree): Kaggle's brain-tumour MRI
+# layout, the usual lower-case one, and ImageNet's (train/ + val/: its val set is the held-out set
+# ImageNet papers report, so it is the test set here; the trainer carves its own validation set).
+SPLIT_PAIRS = (("Training", "Testing"), ("train", "test"), ("train", "val"))
 
 
 def _visible_dirs(folder: Path) -> List[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def split_folders(root: Path) -> Tuple[Path, Optional[Path]]:
-    """(training tree, test tree or None): ``root/Training`` + ``root/Testing`` (or ``train`` + ``test``)
-    when present, else ``root`` itself with no official test."""
+def split_folders(root: Path, kind: str = "data") -> Tuple[Path, Optional[Path]]:
+    """(training tree, test tree or None): the first pair of ``SPLIT_PAIRS`` with both folders under
+    ``root`` (``Training/`` + ``Testing/``, ``train/`` + ``test/``, ``train/`` + ``val/``), else a
+    training folder alone (``Training/`` or ``train/``, no official test), else ``root`` itself with
+    no official test. With ``train/``, ``val/`` and ``test/`` all present, test/ is the test set and
+    val/ is not read (a warning says so)."""
     names = {p.name for p in _visible_dirs(root)}
     for train, test in SPLIT_PAIRS:
+        if train in names and test in names:
+            unused = [t for tr, t in SPLIT_PAIRS if tr == train and t != test and t in names]
+            if unused:
+                warnings.warn(f"{kind}: {root} holds {train}/ and {test}/ (the test set) and also "
+                              f"{', '.join(u + '/' for u in unused)}, which is not read; the trainer carves its "
+                              f"validation set from {train}/ (data.val_fraction)")
+            return root / train, root / test
+    for train, _ in SPLIT_PAIRS:
         if train in names:
-            return root / train, (root / test if test in names else None)
+            return root / train, None
     return root, None
 
 

@@ -1,4 +1,5 @@
-"""Image trees (one folder per class, optionally under Training/ + Testing/), decoded with Pillow."""
+"""Image trees (one folder per class, optionally under Training/ + Testing/, train/ + test/ or ImageNet's
+train/ + val/), decoded with Pillow."""
 from __future__ import annotations
 
 import functools
@@ -22,7 +23,7 @@ def _probe(path: Path) -> Optional[Path]:
 
 register_place("imagefolder", _probe,
                how="pass root= a folder with one sub-folder of images per class (optionally under Training/ "
-                   "and Testing/, or train/ and test/)",
+                   "and Testing/, train/ and test/, or train/ and val/ as ImageNet's)",
                in_data_root=False)
 
 
@@ -76,6 +77,35 @@ def decode(path: Path, channels: int, size: Optional[Tuple[int, int]], resize: O
 _UNREADABLE = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 
 
+class UnreadableImageError(ValueError):
+    """A file of a streamed folder that does not decode when a worker reads it (one line naming it).
+
+    A DataLoader worker's exception comes back to the main process as the same type built from a
+    text holding the worker's whole traceback; this type keeps only its own message from that text
+    (the traceback stays in ``worker_traceback``), so the user sees one line."""
+
+    def __init__(self, message: str):
+        self.worker_traceback = None
+        tag = f"{type(self).__name__}: "
+        if message.startswith("Caught ") and "Traceback" in message:
+            last = [line for line in message.splitlines() if tag in line]
+            if last:
+                self.worker_traceback, message = message, last[-1].split(tag, 1)[1]
+        super().__init__(message)
+
+
+def _streamed_decode(path: Path, root: str, **options) -> np.ndarray:
+    """:func:`decode` in a DataLoader worker: a file that does not decode is one clear error."""
+    try:
+        return decode(path, **options)
+    except _UNREADABLE as err:
+        reason = " ".join(f"{type(err).__name__}: {err}".split())
+        raise UnreadableImageError(
+            f"imagefolder: cannot decode {path} ({reason}); streamed folders (data.options.stream=true) check "
+            f"only file headers when listed, so data.on_bad_image=skip cannot drop it: delete or replace it "
+            f"(`python -m vitlab.data.check_images {root}` lists every file that does not decode)") from None
+
+
 def _verify(path: Path) -> None:
     with Image.open(path) as img:
         img.verify()  # checks the file without decoding its pixels
@@ -121,11 +151,13 @@ def _read_tree(tree: Path, files: Dict[str, List[Path]], channels: int, size, re
 
 
 def _list_tree(tree: Path, files: Dict[str, List[Path]], channels: int, size, resize, intensity, on_bad_image: str,
-               skipped: List[Path]) -> FileDataset:
-    """The tree as a :class:`FileDataset`: every file is checked now, its pixels decoded (and
-    resized / cropped) when a worker asks for the item."""
+               skipped: List[Path], folder: Path) -> FileDataset:
+    """The tree as a :class:`FileDataset`: every file's header is checked now (``Image.verify``,
+    which reads no pixels, so a truncated JPEG passes), its pixels decoded (and resized / cropped)
+    when a worker asks for the item; a file that fails then is an :class:`UnreadableImageError`
+    (whose advice names ``folder``, the data root)."""
     found = [(label, path) for label, path, _ in _walk(tree, files, _verify, on_bad_image, skipped)]
-    reader = functools.partial(decode, channels=channels, size=size, resize=resize, intensity=intensity)
+    reader = functools.partial(_streamed_decode, root=str(folder), channels=channels, size=size, resize=resize, intensity=intensity)
     return FileDataset([p for _, p in found], torch.tensor([lb for lb, _ in found], dtype=torch.int64), list(files),
                        "imagefolder", reader, tuple(reader(found[0][1]).shape))
 
@@ -150,8 +182,8 @@ def check_options(*, img_size, channels, on_bad_image, stream, classes, resize, 
     return size, wanted, check_intensity(intensity, "imagefolder")
 
 
-@DATASETS.register("imagefolder", "image tree, one folder per class (optionally Training/ + Testing/), any "
-                                  "format Pillow reads, resized to img_size", check=check_options,
+@DATASETS.register("imagefolder", "image tree, one folder per class (optionally Training/ + Testing/, train/ + "
+                                  "test/ or train/ + val/), any format Pillow reads, resized to img_size", check=check_options,
                    size=lambda **options: check_options(**options)[0])
 def imagefolder(root: Optional[str], seed: int, *, img_size: Union[int, Tuple[int, int], None] = 224,
                 channels: int = 3, on_bad_image: str = "skip", stream: bool = False,
@@ -170,13 +202,13 @@ def imagefolder(root: Optional[str], seed: int, *, img_size: Union[int, Tuple[in
     size, wanted, intensity = check_options(img_size=img_size, channels=channels, on_bad_image=on_bad_image,
                                             stream=stream, classes=classes, resize=resize, intensity=intensity)
     folder = find_root("imagefolder", root)
-    train_dir, test_dir = split_folders(folder)
+    train_dir, test_dir = split_folders(folder, "imagefolder")
     train_files = class_files(train_dir, "imagefolder", only=wanted)
     test_files = class_files(test_dir, "imagefolder", only=wanted) if test_dir is not None else None
     if test_files is not None:  # before decoding anything
         check_same_classes("imagefolder", list(train_files), list(test_files), folder)
     skipped: List[Path] = []
-    read = _list_tree if stream else _read_tree
+    read = functools.partial(_list_tree, folder=folder) if stream else _read_tree
     args = (channels, size, resize, intensity, on_bad_image, skipped)
     train = read(train_dir, train_files, *args)
     test = None if test_files is None else read(test_dir, test_files, *args)

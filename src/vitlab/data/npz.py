@@ -96,6 +96,9 @@ def npz(root: Optional[str], seed: int, *, file: Optional[str] = None,
             if len(images) != len(labels):
                 raise ValueError(f"npz: {path} has {len(images)} {part}_images but {len(labels)} {part}_labels")
             parts[part] = (images, labels)
+    if not sum(len(parts[p][1]) for p in ("train", "val") if p in parts):
+        raise ValueError(f"npz: {path} holds no training images (train_images"
+                         f"{' and val_images' if 'val' in parts else ''} are empty)")
     n_classes = 1 + max(int(lab.max()) for _, lab in parts.values() if len(lab))
     names = [str(c) for c in range(n_classes)] if classes is None else [str(c) for c in classes]
     if len(names) < n_classes:

@@ -104,7 +104,9 @@ def make_splits(bundle: DataBundle, *, val_fraction: float = 0.1, seed: int = 0,
     With an official test set: ``{"train", "val"}`` carved stratified from ``bundle.train`` (val gets
     ``val_fraction``), ``"test": None`` (meaning: use ``bundle.test``), scheme ``"official-test"``.
     Without: a stratified ``(1 - val - test) / val / test`` split of the pool, scheme ``"80/10/10"``
-    at the defaults. Index tensors are sorted int64 into ``bundle.train``.
+    at the defaults, ``"80/10/10 (pooled: train + official test)"`` when the pool holds the official
+    test set too (``bundle.pooled``, ``data.split=pooled``). Index tensors are sorted int64 into
+    ``bundle.train``.
 
     Leakage check (``check_leakage``, or ``dedupe``): every image (pool and official test set) is
     perceptual-hashed first; ``"leakage"`` records the near-duplicates (pHash Hamming distance <=
@@ -137,6 +139,8 @@ def make_splits(bundle: DataBundle, *, val_fraction: float = 0.1, seed: int = 0,
         fractions = (1 - val_fraction - test_fraction, val_fraction, test_fraction)
         train, val, test = (pool[p] for p in stratified_split(labels, fractions, seed))
         scheme = "/".join(f"{100 * f:g}" for f in fractions)
+        if bundle.pooled:
+            scheme += " (pooled: train + official test)"
         split = {"train": train, "val": val, "test": test, "scheme": scheme, "seed": int(seed)}
     # an empty part fails much later with a message about empty arrays (metrics, batching)
     empty = [name for name, part in (("training", train), ("validation", val), ("test", test)) if len(part) == 0]

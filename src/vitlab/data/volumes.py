@@ -24,9 +24,20 @@ def _nibabel():
     return nibabel
 
 
+def canonical(img):
+    """A nibabel image reoriented to the closest canonical (RAS+) orientation: a flip and/or axis
+    permutation of the voxel array, no resampling (the image itself when it is already RAS+)."""
+    return _nibabel().as_closest_canonical(img)
+
+
 def read_volume(path: Path) -> np.ndarray:
-    """A volume as (C, H, W, D): ``.npy`` holds (H, W, D) or (C, H, W, D); NIfTI holds (H, W, D) or
-    (H, W, D, C) (channels/time last, as NIfTI stores them).
+    """A volume as (C, H, W, D): ``.npy`` holds (H, W, D) or (C, H, W, D), read as stored; NIfTI holds
+    (H, W, D) or (H, W, D, C) (channels/time last, as NIfTI stores them), reoriented first to the
+    closest canonical orientation (RAS+: the array's axes run towards the subject's right, anterior
+    and superior, as far as whole-axis flips and permutations allow; nibabel's
+    ``as_closest_canonical``), so files of the same anatomy stored with different affines give the
+    same array, not mirrored or transposed ones. Scanner scaling (``scl_slope`` / ``scl_inter``) is
+    applied.
 
     Raises:
         ValueError: naming the file, when it cannot be read or is not 3-D/4-D.
@@ -41,21 +52,26 @@ def read_volume(path: Path) -> np.ndarray:
             vol = vol[None] if vol.ndim == 3 else vol
         else:
             nib = _nibabel()
-            errors += (nib.filebasedimages.ImageFileError,)
-            vol = np.asanyarray(nib.load(str(path)).dataobj)
+            errors += (nib.filebasedimages.ImageFileError, nib.orientations.OrientationError)
+            vol = np.asanyarray(canonical(nib.load(str(path))).dataobj)
             vol = vol[None] if vol.ndim == 3 else np.moveaxis(vol, -1, 0) if vol.ndim == 4 else vol
     except errors as err:
         raise ValueError(f"volumes: cannot read {path} ({type(err).__name__}: {err})") from None
     if vol.ndim != 4 or not np.issubdtype(vol.dtype, np.number):
         raise ValueError(f"volumes: {path} has shape {vol.shape} ({vol.dtype}); expected a numeric (H, W, D) "
                          f"or (C, H, W, D) volume")
+    if np.issubdtype(vol.dtype, np.complexfloating):  # a cast to float would drop the imaginary part silently
+        raise ValueError(f"volumes: {path} holds complex values ({vol.dtype}); save the magnitude (np.abs) or the "
+                         f"real part as a real-valued volume")
     return vol
 
 
 def to_uint8(vol: np.ndarray, size: Optional[Tuple[int, int, int]], intensity: Intensity = "auto") -> torch.Tensor:
     """(C, H, W, D) -> uint8 (C, *size): mapped to 0..255 over the whole volume as ``intensity``
-    says (``auto``: min-max; :mod:`vitlab.data.intensity`), then resized with trilinear interpolation."""
-    v = torch.from_numpy(to_unit(np.nan_to_num(vol.astype(np.float32)), intensity))
+    says (``auto``: min-max; :mod:`vitlab.data.intensity`), then resized with trilinear interpolation.
+    Non-finite voxels (NaN, +-inf: masks, divisions by zero) count as 0 before the mapping, so one of
+    them cannot stretch the scaling and flatten the rest of the volume."""
+    v = torch.from_numpy(to_unit(np.nan_to_num(vol.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0), intensity))
     if size is not None and tuple(v.shape[1:]) != tuple(size):
         v = F.interpolate(v[None], size=tuple(size), mode="trilinear", align_corners=False)[0]
     return (v * 255).round_().clamp_(0, 255).to(torch.uint8)
@@ -76,7 +92,7 @@ def _read_tree(files: Dict[str, List[Path]], size, intensity: Intensity) -> Arra
 
 register_place("volumes", lambda p: p if p.is_dir() else None,
                how="pass root= a folder with one sub-folder per class of .npy or .nii/.nii.gz volumes "
-                   "(optionally under Training/ and Testing/)",
+                   "(optionally under Training/ and Testing/, train/ and test/, or train/ and val/)",
                in_data_root=False)
 
 
@@ -99,7 +115,7 @@ def volumes(root: Optional[str], seed: int, *, size: Optional[Tuple[int, int, in
     window in the files' units, e.g. Hounsfield units for CT (:mod:`vitlab.data.intensity`)."""
     size, intensity = check_volume_options(size=size, intensity=intensity)
     folder = find_root("volumes", root)
-    train_dir, test_dir = split_folders(folder)
+    train_dir, test_dir = split_folders(folder, "volumes")
     train_files = class_files(train_dir, "volumes")
     test_files = class_files(test_dir, "volumes") if test_dir is not None else None
     if test_files is not None:
@@ -183,8 +199,8 @@ def mricron_brain(root: Optional[str], seed: int, *, patch: Tuple[int, int, int]
     patch = check_mricron_options(patch=patch, per_class=per_class)
     nib = _nibabel()
     folder = find_root("mricron-brain", root)
-    t1 = np.asanyarray(nib.load(str(folder / "ch2.nii.gz")).dataobj)
-    aal = np.asanyarray(nib.load(str(folder / "aal.nii.gz")).dataobj).astype(np.int64)
+    t1 = np.asanyarray(canonical(nib.load(str(folder / "ch2.nii.gz"))).dataobj)  # RAS+, as read_volume
+    aal = np.asanyarray(canonical(nib.load(str(folder / "aal.nii.gz"))).dataobj).astype(np.int64)
     if t1.shape != aal.shape:
         raise ValueError(f"mricron-brain: ch2 {t1.shape} and aal {aal.shape} are not on the same grid")
     classes = list(AAL_GROUPS)

@@ -22,10 +22,21 @@ import torch.nn.functional as F
 from .rng import PrivateStream
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` (random draws made on the CPU generator, so batches are the same on every device) on
+    ``device``. To a GPU through pinned memory and without blocking: a copy from ordinary memory
+    makes the host wait until the GPU has finished all queued work, once per draw, every step."""
+    if t.device == device:
+        return t
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def random_flip(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """Flip each image of (B, C, H, W[, D]) left-right with probability 1/2."""
     mask = torch.rand(x.shape[0], generator=gen, device=gen.device) < 0.5
-    mask = mask.to(x.device).view(-1, *([1] * (x.dim() - 1)))
+    mask = to_device(mask, x.device).view(-1, *([1] * (x.dim() - 1)))
     return torch.where(mask, x.flip(3), x)
 
 
@@ -35,7 +46,7 @@ def random_crop(x: torch.Tensor, pad: int, gen: torch.Generator) -> torch.Tensor
         return x
     b, c, h, w = x.shape
     padded = F.pad(x, (pad, pad, pad, pad))
-    off = torch.randint(0, 2 * pad + 1, (2, b), generator=gen, device=gen.device).to(x.device)
+    off = to_device(torch.randint(0, 2 * pad + 1, (2, b), generator=gen, device=gen.device), x.device)
     rows = (torch.arange(h, device=x.device) + off[0, :, None])  # (B, H)
     cols = (torch.arange(w, device=x.device) + off[1, :, None])  # (B, W)
     bidx = torch.arange(b, device=x.device)[:, None, None]
@@ -49,7 +60,7 @@ def random_affine(x: torch.Tensor, degrees: float, translate: float, scale: Tupl
     size, zoom in ``scale``), drawn per image and applied to the whole batch in one
     ``grid_sample``; (B, C, H, W) float."""
     b = x.shape[0]
-    u = torch.rand(4, b, generator=gen).to(x.device)
+    u = to_device(torch.rand(4, b, generator=gen), x.device)
     angle = (u[0] * 2 - 1) * degrees * torch.pi / 180
     zoom = scale[0] + u[1] * (scale[1] - scale[0])
     tx, ty = (u[2] * 2 - 1) * translate * 2, (u[3] * 2 - 1) * translate * 2  # grid units span 2
@@ -68,6 +79,23 @@ def match_channels(x: torch.Tensor, channels: Optional[int]) -> torch.Tensor:
     if channels == 1:
         return x.float().mean(1, keepdim=True).round().to(x.dtype)
     raise ValueError(f"cannot feed {x.shape[1]}-channel data to a {channels}-channel model")
+
+
+#: augmentations written for 2D images (timm's RandomErasing and CutMix cut boxes in the last two axes)
+IMAGE_ONLY = ("crop_pad", "auto_augment", "affine_degrees", "affine_translate", "affine_scale", "random_erasing",
+              "cutmix")
+
+
+def check_dims(data_cfg, ndim: int) -> None:
+    """Refuse 2D-only augmentations for volumes (one line), rather than skip or mangle them."""
+    if ndim != 3:
+        return
+    fields = type(data_cfg).model_fields
+    on = [k for k in IMAGE_ONLY if getattr(data_cfg, k) != fields[k].default]
+    if on:
+        raise ValueError(f"{', '.join(f'data.{k}' for k in on)}: 2D image augmentation, but the data are 3D "
+                         f"volumes; leave {'it' if len(on) == 1 else 'them'} at the default (volumes take "
+                         f"data.hflip and data.mixup)")
 
 
 class BatchAugment:
@@ -126,12 +154,12 @@ class BatchAugment:
         with self.stream.use() if library else nullcontext():  # one swap of generators per batch
             if self.hflip:
                 x = random_flip(x, self.gen)
-            if self.crop_pad and x.dim() == 4:
+            if self.crop_pad:
                 x = random_crop(x, self.crop_pad, self.gen)
-            if self.policy is not None and x.dim() == 4:
+            if self.policy is not None:
                 x = torch.stack([self.policy(img) for img in x])  # one policy draw per image (uint8)
             x = self.normalize(x)
-            if self.use_affine and x.dim() == 4:
+            if self.use_affine:
                 x = random_affine(x, *self.affine, self.gen)
             if self.erase is not None:
                 x = self.erase(x)

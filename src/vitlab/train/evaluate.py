@@ -40,8 +40,10 @@ def eval_run(run_dir: str, overrides: Optional[List[str]] = None, *, checkpoint:
     state = rundir.load_checkpoint(run / "checkpoints" / f"{checkpoint}.pt")
 
     d = cfg.data
-    bundle = load_dataset(d.name, d.root, limit=d.limit, seed=d.split_seed, **d.source_options())
-    split = make_splits(bundle, val_fraction=d.val_fraction, seed=d.split_seed, dedupe=d.dedupe,
+    bundle = load_dataset(d.name, d.root, limit=d.limit, seed=d.split_seed, pool_test=d.split == "pooled",
+                          **d.source_options())
+    split = make_splits(bundle, val_fraction=d.val_fraction, test_fraction=d.test_fraction, seed=d.split_seed,
+                        dedupe=d.dedupe,
                         dedupe_threshold=d.dedupe_threshold, check_leakage=False)  # the split training made
     if not set(extra.get("data", {})) - {"root", "workers"}:  # the run's data (perhaps another copy of it)
         _check_split(run, split)

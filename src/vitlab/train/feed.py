@@ -32,6 +32,17 @@ class MemoryFeed:
     def sample(self, n: int) -> torch.Tensor:
         return self.x[:n]
 
+    def spread(self, n: int) -> torch.Tensor:
+        return self.x[spread_index(len(self), n).to(self.x.device)]
+
+
+def spread_index(total: int, n: int) -> torch.Tensor:
+    """``n`` positions evenly spaced over ``total`` items (all of them when ``n >= total``): a sample
+    that covers every class of a class-ordered split in proportion, and is the same for every run."""
+    if n >= total:
+        return torch.arange(total)
+    return torch.linspace(0, total - 1, n).round().long()
+
 
 def _seed_worker(worker_id: int) -> None:
     # DataLoader seeds torch per worker from the loader's generator; numpy and random follow it.
@@ -59,7 +70,13 @@ class StreamFeed:
 
     def sample(self, n: int) -> torch.Tensor:
         """The first ``n`` items (normalisation statistics, probes), decoded by the workers too."""
-        idx = torch.arange(min(n, len(self.ds)))
+        return self._decode(torch.arange(min(n, len(self.ds))))
+
+    def spread(self, n: int) -> torch.Tensor:
+        """``n`` items evenly spaced over the dataset (normalisation statistics)."""
+        return self._decode(spread_index(len(self.ds), n))
+
+    def _decode(self, idx: torch.Tensor) -> torch.Tensor:
         return torch.cat([x for x, _ in self.batches(idx, 256)])
 
 

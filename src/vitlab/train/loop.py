@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from .. import rundir
 from ..config import RunConfig, dump_yaml
 from ..eval.metrics import classification_metrics
+from . import augment as augment_mod
 from .augment import BatchAugment, match_channels
 from . import distributed
 from .build import build_model, param_groups
@@ -37,20 +38,27 @@ RESUME_KEYS = ("model", "optimizer", "scheduler", "run", "partial", "rng", "orde
 
 
 def pick_device(name: str, dinfo: Optional[DistInfo] = None, what: str = "train.device") -> torch.device:
-    if name == "auto":
-        if not torch.cuda.is_available():
-            return torch.device("cpu")
-        dev = torch.device("cuda", dinfo.local_rank if dinfo is not None else torch.cuda.current_device())
-        torch.cuda.set_device(dev)
-        return dev
+    """``auto`` is a GPU when there is one, else the CPU. Under torchrun, ``auto`` and ``cuda`` give
+    each process the GPU of its LOCAL_RANK (``cuda:N`` would put every process on one GPU: refused)."""
+    if name == "auto" and not torch.cuda.is_available():
+        return torch.device("cpu")
     try:
-        dev = torch.device(name)
+        dev = torch.device("cuda" if name == "auto" else name)
     except RuntimeError:
         dev = None
     if dev is None or dev.type not in ("cpu", "cuda"):
         raise ValueError(f"{what}={name!r} is not a device vitlab runs on; valid: auto, cpu, cuda, cuda:N")
-    if dev.type == "cuda" and not torch.cuda.is_available():
+    if dev.type != "cuda":
+        return dev
+    if not torch.cuda.is_available():
         raise ValueError(f"{what}={name!r} but no CUDA device is available; use {what}=cpu")
+    ranks = dinfo is not None and dinfo.enabled
+    if ranks and dev.index is not None:
+        raise ValueError(f"{what}={name!r} would put all {dinfo.world} torchrun processes on one GPU; use "
+                         f"{what}=cuda (each process takes the GPU of its LOCAL_RANK)")
+    if dev.index is None:
+        dev = torch.device("cuda", dinfo.local_rank if ranks else torch.cuda.current_device())
+    torch.cuda.set_device(dev)
     return dev
 
 
@@ -69,6 +77,17 @@ def autocast_for(precision: str, device: torch.device) -> Callable[[], object]:
     if precision == "bf16":
         return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
     return nullcontext
+
+
+def epoch_order(n: int, repeats: int, gen: torch.Generator) -> torch.Tensor:
+    """One epoch's order of the ``n`` training items. With repeated augmentation (Hoffer et al., 2020,
+    as DeiT's RASampler and timm's RepeatAugSampler do it): ceil(n / repeats) images in random order,
+    each ``repeats`` times in a row, so a batch holds differently augmented copies of the same images,
+    and the epoch is still n items long (not ``repeats`` times the compute per epoch)."""
+    perm = torch.randperm(n, generator=gen)
+    if repeats == 1:
+        return perm
+    return perm[: -(-n // repeats)].repeat_interleave(repeats)[:n]
 
 
 def lr_lambda(total_steps: int, warmup_steps: int, base_lr: float, min_lr: float) -> Callable[[int], float]:
@@ -204,19 +223,22 @@ def train_run(cfg: RunConfig, out_dir: Path, *, resume: bool = False, progress: 
     seed_everything(t_cfg.seed + dinfo.rank)  # model init is broadcast from rank 0 by DDP
 
     # ---- data: uint8 tensors, one stratified split shared by every arm (data.split_seed)
-    bundle = load_dataset(d_cfg.name, d_cfg.root, limit=d_cfg.limit, seed=d_cfg.split_seed, **d_cfg.source_options())
+    bundle = load_dataset(d_cfg.name, d_cfg.root, limit=d_cfg.limit, seed=d_cfg.split_seed,
+                          pool_test=d_cfg.split == "pooled", **d_cfg.source_options())
     present = bundle.train.labels.unique().tolist()
     if len(present) < 2:  # training would "succeed" at 100% accuracy and report no AUROC
         where = f" under {d_cfg.root}" if d_cfg.root else ""
         found = f"only class {bundle.train.classes[present[0]]!r}" if present else "no images"
         raise ValueError(f"data {d_cfg.name}{where}: {found} in the training data; a classifier needs at least 2")
-    split = make_splits(bundle, val_fraction=d_cfg.val_fraction, seed=d_cfg.split_seed, dedupe=d_cfg.dedupe,
+    split = make_splits(bundle, val_fraction=d_cfg.val_fraction, test_fraction=d_cfg.test_fraction,
+                        seed=d_cfg.split_seed, dedupe=d_cfg.dedupe,
                         dedupe_threshold=d_cfg.dedupe_threshold)  # perceptual-hash leakage check first
     train_ds = bundle.train.subset(split["train"])
     val_ds = bundle.train.subset(split["val"])
     test_ds = bundle.test if split["test"] is None else bundle.train.subset(split["test"])
     num_classes = len(bundle.train.classes)
     in_chans, data_size = train_ds.item_shape[0], tuple(train_ds.item_shape[1:])
+    augment_mod.check_dims(d_cfg, len(data_size))
 
     torch.manual_seed(t_cfg.seed)  # identical initial weights on every rank
     model, mcfg = build_model(cfg, in_chans=in_chans, num_classes=num_classes, img_size=data_size)
@@ -227,7 +249,9 @@ def train_run(cfg: RunConfig, out_dir: Path, *, resume: bool = False, progress: 
     val_feed, test_feed = (make_feed(ds, device, d_cfg.workers, t_cfg.seed) for ds in (val_ds, test_ds))
     y_train = train_ds.labels.to(device)
     channels = mcfg.get("in_chans") or in_chans  # the model's: grey data for a colour model is replicated
-    stats = match_channels(feed.sample(4096), channels).float().div(255).transpose(0, 1).reshape(channels, -1)
+    # normalisation statistics of the training split, from 4096 images spread over all of it (the
+    # first 4096 of a class-ordered folder split would be a few classes' statistics)
+    stats = match_channels(feed.spread(4096), channels).float().div(255).transpose(0, 1).reshape(channels, -1)
     mean, std = stats.mean(1), stats.std(1).clamp_min(1e-3)
     augment = BatchAugment.from_config(cfg, mean=mean, std=std, num_classes=num_classes, channels=channels,
                                        img_size=img_size if img_size != data_size else None,
@@ -237,7 +261,7 @@ def train_run(cfg: RunConfig, out_dir: Path, *, resume: bool = False, progress: 
     # ---- recipe
     optimizer = torch.optim.AdamW(param_groups(model, t_cfg.weight_decay), lr=t_cfg.lr, betas=(0.9, 0.999),
                                   fused=device.type == "cuda")
-    n_train = len(feed) * d_cfg.repeated_aug
+    n_train = len(feed)  # an epoch is one training split long, with repeated augmentation too
     batch = t_cfg.batch_size  # global; each of the world's processes takes batch / world of it
     if n_train < t_cfg.accum_steps * dinfo.world:
         raise ValueError(f"train.accum_steps={t_cfg.accum_steps} needs at least {t_cfg.accum_steps * dinfo.world} "
@@ -331,9 +355,7 @@ def train_run(cfg: RunConfig, out_dir: Path, *, resume: bool = False, progress: 
                 if not main:  # the saved running sums are the whole world's; rank 0 carries them
                     sums.update(loss=0.0, n=0)
             else:
-                order = torch.randperm(len(feed), generator=order_gen).repeat(d_cfg.repeated_aug)
-                if d_cfg.repeated_aug > 1:
-                    order = order[torch.randperm(order.numel(), generator=order_gen)]
+                order = epoch_order(len(feed), d_cfg.repeated_aug, order_gen)
                 order, step0 = order[: steps_per_epoch * per_step], 0
                 sums = {"loss": 0.0, "n": 0, "seconds": 0.0, "data": 0.0}
             mine = order.view(-1, batch)[:, dinfo.slice(batch)].reshape(-1)
@@ -412,7 +434,7 @@ def train_run(cfg: RunConfig, out_dir: Path, *, resume: bool = False, progress: 
             line = {"epoch": epoch + 1, "train_loss": loss_sum / max(1, n_seen), "val_loss": val["loss"],
                     "val_acc": val["acc1"], "lr": optimizer.param_groups[0]["lr"], "seconds": epoch_time,
                     "img_s": n_seen / max(epoch_time, 1e-9), "elapsed": run["elapsed"],
-                    "data_share": sums["data"] / max(epoch_time, 1e-9)}  # input pipeline's share of the epoch
+                    "data_share": sums["data"] / max(epoch_time, 1e-9)}  # host time getting and augmenting batches
             if main:
                 rundir.append_jsonl(out_dir / "metrics.jsonl", line)
             run["epoch"] = epoch + 1
@@ -506,11 +528,13 @@ def evaluate_run(out_dir, cfg, model, augment, test_feed, test_ds, num_classes, 
                             labels=test_labels[idx].numpy().astype(np.int64))
     x = augment.normalize(test_feed.sample(bs))
     model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), autocast():  # timed in the run's precision, as it trained and was evaluated
         with flop_counter() as counter:
             model(x[:1])
         times = []
         for _ in range(5):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
             t = time.perf_counter()
             model(x)
             if device.type == "cuda":
