@@ -59,6 +59,19 @@ def test_random_affine_is_per_image_and_identity_at_zero():
     assert not torch.allclose(out, x, atol=1e-2)
 
 
+def test_random_affine_fills_with_black_after_normalisation():
+    """Pixels a shift uncovers are black, as torchvision's RandomAffine(fill=0) makes them on raw
+    images; before, the fill was 0 after normalisation, the mean grey."""
+    mean, std = torch.tensor([0.3, 0.5, 0.7]), torch.tensor([0.2, 0.25, 0.3])
+    aug = BatchAugment(mean=mean, std=std, num_classes=2, affine_translate=0.4, seed=1)
+    x = torch.full((8, 3, 16, 16), 200, dtype=torch.uint8)
+    out, _ = aug(x, torch.zeros(8, dtype=torch.long))
+    raw = out * std.view(1, 3, 1, 1) + mean.view(1, 3, 1, 1)  # back to [0, 1]
+    corners = raw[:, :, [0, 0, -1, -1], [0, -1, 0, -1]]
+    assert (corners.amin(dim=(1, 2)) < 1e-4).sum() >= 4  # most shifted images uncover a black corner
+    assert raw.min() > -1e-4 and raw.max() < 200 / 255 + 1e-4  # only black and the image's own values
+
+
 def test_grey_data_for_a_colour_model_and_back():
     from vitlab.train.augment import match_channels
 

@@ -4,7 +4,9 @@ Small datasets live as uint8 tensors on the device; each batch is augmented ther
 tensor ops, so the input pipeline costs a few percent of a step even on a 2-core CPU.
 torchvision's v2 transforms draw one set of random parameters per call, i.e. per batch when given
 a batch; flips and crops need a draw per image, so those two are written here as vectorised ops.
-MixUp/CutMix and RandomErasing come from timm, which already works per sample on batches;
+RandomErasing comes from timm and erases per image; MixUp/CutMix come from timm too, in its
+"batch" mode (one mixing weight and one box per batch, pairing each image with the batch reversed;
+it needs an even batch, so an odd one passes unmixed);
 AutoAugment/RandAugment are torchvision's v2 policies, applied image by image (uint8, before
 normalisation) because a policy draws one operation per call. Those library transforms draw from
 the global generators, which the model's dropout draws from too; they run on a private stream
@@ -55,10 +57,11 @@ def random_crop(x: torch.Tensor, pad: int, gen: torch.Generator) -> torch.Tensor
 
 
 def random_affine(x: torch.Tensor, degrees: float, translate: float, scale: Tuple[float, float],
-                  gen: torch.Generator) -> torch.Tensor:
+                  gen: torch.Generator, fill: Optional[torch.Tensor] = None) -> torch.Tensor:
     """torchvision's RandomAffine (rotation up to +-``degrees``, shift up to ``translate`` of the
     size, zoom in ``scale``), drawn per image and applied to the whole batch in one
-    ``grid_sample``; (B, C, H, W) float."""
+    ``grid_sample``; (B, C, H, W) float. Uncovered pixels get ``fill`` (per channel; default 0):
+    on normalised images, the value of a black pixel, as torchvision's fill=0 gives on raw ones."""
     b = x.shape[0]
     u = to_device(torch.rand(4, b, generator=gen), x.device)
     angle = (u[0] * 2 - 1) * degrees * torch.pi / 180
@@ -67,7 +70,10 @@ def random_affine(x: torch.Tensor, degrees: float, translate: float, scale: Tupl
     cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
     theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)  # (B, 2, 3)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    if fill is None:
+        return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    fill = fill.view(1, -1, 1, 1)  # grid_sample pads with zeros: shift the fill value to zero and back
+    return F.grid_sample(x - fill, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + fill
 
 
 def match_channels(x: torch.Tensor, channels: Optional[int]) -> torch.Tensor:
@@ -160,7 +166,7 @@ class BatchAugment:
                 x = torch.stack([self.policy(img) for img in x])  # one policy draw per image (uint8)
             x = self.normalize(x)
             if self.use_affine:
-                x = random_affine(x, *self.affine, self.gen)
+                x = random_affine(x, *self.affine, self.gen, fill=-self.mean / self.std)  # black
             if self.erase is not None:
                 x = self.erase(x)
             if self.mix is not None and x.shape[0] % 2 == 0:
