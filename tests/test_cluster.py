@@ -129,6 +129,9 @@ def test_data_not_found_stops_a_local_comparison_but_only_warns_before_slurm_job
     (["--launcher", "submitit-local", "--slurm-arg", "account=x"], ["--slurm-arg", "slurm only"]),
     (["--launcher", "submitit-local", "--cpus-per-run", "0"], ["cpus-per-run=0"]),
     (["--procs-per-run", "0"], ["procs-per-run=0", ">= 1"]),
+    # ranks 2 and 3 would look for GPUs the job does not have
+    (["--launcher", "submitit-local", "--gpus-per-run", "2", "--procs-per-run", "4"],
+     ["procs-per-run=4", "gpus-per-run=2", "a GPU of its own"]),
 ])
 def test_bad_launcher_options_are_one_line_errors(tmp_path, argv, words, capsys):
     exp_file = tmp_path / "exp.yaml"
@@ -182,3 +185,59 @@ def test_job_launcher_runs_data_parallel_under_torchrun(tmp_path, capsys):
     assert "-m torch.distributed.run --standalone --nproc_per_node 2 -m vitlab train --quiet" in log
     assert "train.threads=1" in log  # the job's 2 CPUs shared by its 2 processes
     assert json.loads((out / "runs" / "none-s0" / "final.json").read_text())["world_size"] == 2
+
+
+def test_more_processes_per_run_than_gpus_here_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(runner, "_visible_gpus", lambda: ["0"])
+    exp_file = tmp_path / "exp.yaml"
+    exp_file.write_text(ONE_SEED)
+    with pytest.raises(ValueError, match="--procs-per-run 2 but this machine shows 1 GPU"):
+        run_compare(load_experiment(str(exp_file)), tmp_path / "o", procs=2, log=lambda m: None)
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_second_comparison_into_the_same_out_is_refused(tmp_path):
+    """Two calls into one --out trained the same runs at once (the second resumed what the first was
+    training): the second is refused while the first holds OUT/.lock."""
+    import fcntl
+
+    exp_file = tmp_path / "exp.yaml"
+    exp_file.write_text(ONE_SEED)
+    out = tmp_path / "cmp"
+    out.mkdir()
+    with open(out / ".lock", "a+") as held:  # what a running `vitlab compare` holds
+        fcntl.flock(held, fcntl.LOCK_EX)
+        held.write("pid 123 on somehost\n")
+        held.flush()
+        with pytest.raises(ValueError, match=r"another vitlab compare \(pid 123 on somehost\) is running into"):
+            run_compare(load_experiment(str(exp_file)), out, log=lambda m: None)
+        assert not (out / "runs").exists()
+
+
+def test_the_error_shown_for_a_failed_run_is_vitlabs_not_torchruns_banner():
+    torchrun_tail = ["vitlab: error: train.batch_size=31 must divide by the 2 processes", "Traceback (most recent",
+                     "torch.distributed.elastic.multiprocessing.errors.ChildFailedError:", "=" * 40,
+                     "Root Cause (first observed failure):", "  exitcode  : 2", "=" * 40]
+    assert runner.error_line(torchrun_tail) == "vitlab: error: train.batch_size=31 must divide by the 2 processes"
+    assert runner.error_line(["Killed", "=" * 10]) == "Killed"
+    assert runner.error_line(["", "  "], "exit status 9") == "exit status 9"
+
+
+def test_a_failed_run_retried_resumes_from_its_checkpoint(tmp_path):
+    """--retry-failed restarted a failed run with --force, throwing away the epochs in its last.pt
+    (a run fails mid-training when, say, a process of it is lost); a diverged one starts afresh."""
+    spec = load_experiment(str(_write(tmp_path, ONE_SEED))).runs()[0]
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    for state, has_ckpt, resumes in (("failed", True, True), ("failed", False, False), ("diverged", True, False)):
+        (run / "status.json").write_text(json.dumps({"status": state}))
+        ckpt = run / "checkpoints" / "last.pt"
+        ckpt.write_bytes(b"x") if has_ckpt else ckpt.unlink(missing_ok=True)
+        cmd = runner._command(spec, run, tmp_path / "cfg.yaml", 0)
+        assert ("--resume" in cmd) == resumes and ("--force" in cmd) != resumes, (state, has_ckpt, cmd)
+
+
+def _write(tmp_path, text):
+    path = tmp_path / "exp.yaml"
+    path.write_text(text)
+    return path

@@ -108,6 +108,12 @@ def test_report_says_what_makes_arms_unequal():
     text = " ".join(cut_short_lines(cut))
     assert "Not an equal-training comparison" in text and "pope_diff-s0 (4/6 epochs)" in text and "none-s0" not in text
     assert "different numbers of CPU threads (1, 2" in " ".join(threads_lines(cut))
+    from vitlab.compare.report import world_lines
+    assert world_lines(even) == []  # final.json without world_size: one process
+    two = run("pope_diff", 0)
+    two["final"]["world_size"] = 2
+    text = " ".join(world_lines([run("none", 0), two]))
+    assert "different numbers of data-parallel processes (1 process: none-s0; 2 processes: pope_diff-s0)" in text
     manifest = {"baseline": "none", "arms": {"none": {"model.qk_pe": "none"},
                                              "pope_diff": {"model.qk_pe": "pope", "model.attn": "differential",
                                                            "model.qk_pe_kwargs.theta": 50, "model.dim": 64}}}

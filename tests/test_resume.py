@@ -161,3 +161,23 @@ def test_exploding_loss_counts_as_divergence(tmp_path):
                   tmp_path / "r", progress=False)
     assert json.loads((tmp_path / "r/status.json").read_text())["status"] == "diverged"
     assert not (tmp_path / "r/final.json").exists()
+
+
+def test_a_repeated_sigterm_still_saves_but_a_second_ctrl_c_stops_at_once():
+    """Slurm signals every process of a job, and torchrun forwards its own SIGTERM too: a worker got
+    two and died without its checkpoint (the second fell through to the default handler)."""
+    import os
+    import time
+
+    from vitlab.train.loop import SignalGuard
+
+    before = signal.getsignal(signal.SIGTERM)
+    with SignalGuard() as guard:
+        for _ in range(2):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)
+        assert guard.signum == signal.SIGTERM  # still alive: the loop saves and exits
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C after a signal: at once
+            time.sleep(0.05)
+    assert signal.getsignal(signal.SIGTERM) is before

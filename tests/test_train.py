@@ -209,6 +209,8 @@ def test_volume_preset_on_real_mri(tmp_path):
     (["train", "fashion-mnist-quick", *SYN, "data.options.img_size=[8, 8, 8]", "model.patch_size=[4, 4, 4]", "model.dim=48",
       "data.random_erasing=0.25", "data.crop_pad=2"],  # RandomErasing crashed on volumes, crop_pad was skipped
      ["data.crop_pad, data.random_erasing: 2D image augmentation", "3D volumes"]),
+    (["train", "fashion-mnist-quick", *SYN, "data.cutmix=1.0", "train.batch_size=31"],  # was: never mixed
+     ["need an even batch per process", "gives 31"]),
     (["validate", "fashion-mnist-quick", "train.lrr=1"], ["unknown key 'train.lrr'"]),
     (["eval", "/nonexistent/run"], ["not a vitlab run directory"]),
 ])
@@ -327,3 +329,12 @@ def test_repeated_augmentation_run_has_the_same_steps_per_epoch(tmp_path):
         train_run(syn_cfg("train.epochs=1", f"data.repeated_aug={r}"), tmp_path / f"r{r}", progress=False)
         seen[r] = torch.load(tmp_path / f"r{r}" / "checkpoints" / "last.pt", weights_only=True)["run"]["imgs"]
     assert seen[3] == seen[1] > 0, seen
+
+
+def test_rank_seeds_do_not_collide_with_other_seeds():
+    """Rank 1 of seed 0 drew rank 0 of seed 1's dropout (seed + rank); a single process keeps its seed."""
+    from vitlab.train.loop import rank_seed
+
+    seeds = {(s, r): rank_seed(s, r) for s in range(50) for r in range(8)}
+    assert all(rank_seed(s, 0) == s for s in range(50))
+    assert len(set(seeds.values())) == len(seeds) and all(0 <= v < 2**63 for v in seeds.values())

@@ -376,7 +376,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="comparison directory (default runs/<experiment>; runs/default-study without one)")
     s.add_argument("--jobs", type=int, default=None, help="runs at once (default 1; each gets cores/jobs threads); "
                    "with --launcher slurm: the job array's parallelism (default: the scheduler's)")
-    s.add_argument("--retry-failed", action="store_true", help="run failed runs again")
+    s.add_argument("--retry-failed", action="store_true",
+                   help="run failed runs again (from their last checkpoint when they have one)")
     s.add_argument("--dry-run", action="store_true", help="check the experiment (every run's config, the launcher, "
                    "an earlier comparison in --out) and list its runs and what would happen to each, without "
                    "training or writing anything")

@@ -270,7 +270,7 @@ def report_lines(out: Path, data: dict, stage: Path) -> List[str]:
                   f"{', '.join('`' + k + '`' for k in m['arm_recipe_keys'])}.", ""]
     if data["finished"][0]["split"] is not None:
         lines += [leakage_line(data["finished"][0]["split"]), ""]
-    lines += cut_short_lines(data["finished"]) + threads_lines(data["finished"])
+    lines += cut_short_lines(data["finished"]) + threads_lines(data["finished"]) + world_lines(data["finished"])
     correction = m.get("correction", "holm")
     tests = sum(r["p"] is not None for r in rows)
     adjusted = (f"The p-values of the {tests} test{'s' * (tests != 1)} are adjusted for their number by "
@@ -368,6 +368,21 @@ def threads_lines(finished: List[dict]) -> List[str]:
     return [f"The runs used different numbers of CPU threads ({shown}; `vitlab compare` sets them from `--jobs`): "
             f"results depend on it in the last digits, so a run reproduces exactly only with its own count "
             f"(`train.threads` in its config.yaml).", ""]
+
+
+def world_lines(finished: List[dict]) -> List[str]:
+    """A note when runs trained with different numbers of processes (``--procs-per-run`` changed
+    between calls): each process augments its own slice with a stream of its own, so the draws of a
+    seed differ with the world size, and the arms no longer share their augmented batches."""
+    sizes = {}
+    for r in finished:
+        sizes.setdefault(int((r.get("final") or {}).get("world_size") or 1), []).append(r["name"])
+    if len(sizes) < 2:
+        return []
+    shown = "; ".join(f"{n} process{'es' if n > 1 else ''}: {', '.join(names)}" for n, names in sorted(sizes.items()))
+    return [f"The runs trained with different numbers of data-parallel processes ({shown}). Augmentation and "
+            f"dropout draw per process, so the arms did not see the same augmented batches for a seed; rerun "
+            f"them with one `--procs-per-run` for a matched comparison.", ""]
 
 
 def _classes(data: dict) -> List[str]:

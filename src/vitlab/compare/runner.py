@@ -3,12 +3,14 @@ resume interrupted ones, so an interrupted comparison picks up where it stopped.
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import math
 import os
 import queue
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -41,6 +43,16 @@ def run_state(run: Path) -> str:
     return "partial" if (run / "checkpoints" / "last.pt").is_file() else "new"
 
 
+def error_line(lines: List[str], fallback: str = "no message") -> str:
+    """The message that says why a run failed: its last ``vitlab: error:`` line (under torchrun the
+    last line is torchrun's closing banner, a row of '='), else the last line with a letter in it."""
+    lines = [x.strip() for x in lines if x.strip()]
+    for line in reversed(lines):
+        if line.startswith("vitlab: error:"):
+            return line
+    return next((x for x in reversed(lines) if any(c.isalpha() for c in x)), fallback)
+
+
 def _command(spec: RunSpec, run: Path, cfg_file: Path, threads: int, procs: int = 1) -> List[str]:
     """The one command that trains (or resumes) a run, whatever the launcher; ``procs`` > 1 trains it
     data-parallel under torchrun (``--standalone``: a free rendezvous port of its own on this host)."""
@@ -48,7 +60,10 @@ def _command(spec: RunSpec, run: Path, cfg_file: Path, threads: int, procs: int 
     if procs > 1:
         launch += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs)]
     base = launch + ["-m", "vitlab", "train", "--quiet"]
-    if run_state(run) == "partial":
+    state = run_state(run)
+    # a failed run retried (--retry-failed) resumes from its checkpoint when it has one: a crash or a
+    # lost process mid-training is no reason to throw its epochs away (a diverged one starts afresh)
+    if state == "partial" or (state == "failed" and (run / "checkpoints" / "last.pt").is_file()):
         return base + ["--resume", str(run)]
     return base + [str(cfg_file), "--out", str(run), "--force"] + ([f"train.threads={threads}"] if threads else [])
 
@@ -159,6 +174,42 @@ def run_compare(exp: Experiment, out: Path, *, extra: Optional[List[str]] = None
     out = Path(out)
     # before anything is written
     cluster, specs, manifest = _prepare(exp, out, extra, launcher, cluster, wait, log, jobs, procs)
+    visible = _visible_gpus() if launcher == "local" and (procs or 1) > 1 else []
+    if visible and procs > len(visible) and any(str(s.config.train.device) in ("auto", "cuda") for s in specs):
+        raise ValueError(f"--procs-per-run {procs} but this machine shows {len(visible)} GPU(s) "
+                         f"({','.join(visible)}): each process of a run takes a GPU of its own")
+    with _exclusive(out):
+        return _run_compare(exp, out, cluster, specs, manifest, extra, jobs, retry_failed, log, launcher, wait,
+                            poll_s, procs)
+
+
+@contextlib.contextmanager
+def _exclusive(out: Path):
+    """Hold ``OUT/.lock`` while this call runs: a second ``vitlab compare`` into the same ``out``
+    would resume or restart the runs this one is training (two trainers on one run directory)."""
+    import fcntl
+
+    rundir.make_dir(out)
+    with open(out / ".lock", "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            who = f.read().strip() or "another process"
+            raise ValueError(f"another vitlab compare ({who}) is running into {out}; wait for it to end, or give "
+                             f"another --out") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            f.truncate(0)
+
+
+def _run_compare(exp, out, cluster, specs, manifest, extra, jobs, retry_failed, log, launcher, wait, poll_s,
+                 procs) -> dict:
     procs = procs or (cluster.gpus_per_run if launcher != "local" and (cluster.gpus_per_run or 0) > 1 else 1)
     rundir.make_dir(out / "runs")
     rundir.make_dir(out / "configs")
@@ -209,7 +260,7 @@ def run_compare(exp: Experiment, out: Path, *, extra: Optional[List[str]] = None
         finally:
             if gpus is not None:
                 free.put(gpus)
-        err = "" if proc.returncode == 0 else (proc.stderr.strip().splitlines() or ["no message"])[-1]
+        err = "" if proc.returncode == 0 else error_line(proc.stderr.splitlines())
         tally.finished(spec.name, run, err, time.time() - t0)
 
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
@@ -309,6 +360,9 @@ def check_launcher(launcher: str, cluster: Optional[ClusterOptions], wait: bool,
                              ("cpus-per-run", given.cpus_per_run, 1), ("time-min", given.time_min, 1)):
         if value is not None and value < low:
             raise ValueError(f"{name}={value}; must be >= {low}")
+    if procs and procs > 1 and given.gpus_per_run and procs > given.gpus_per_run:
+        raise ValueError(f"procs-per-run={procs} but gpus-per-run={given.gpus_per_run}: each process of a run "
+                         f"takes a GPU of its own; give --procs-per-run {given.gpus_per_run} or leave it out")
     if given.mem_gb is not None and not 0 < given.mem_gb < math.inf:  # nan too
         raise ValueError(f"mem-gb={given.mem_gb}; must be a positive number of GB")
     return given
@@ -327,7 +381,7 @@ class RunJob(Checkpointable):
     def __call__(self) -> dict:
         cmd = _command(self.spec, self.run, self.cfg_file, self.threads, self.procs)
         print("vitlab job: " + " ".join(cmd), file=sys.stderr, flush=True)
-        tail: collections.deque = collections.deque(maxlen=20)
+        tail: collections.deque = collections.deque(maxlen=200)
         self._proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
         for line in self._proc.stderr:  # the job's log keeps the run's messages; the last line is the error
             sys.stderr.write(line)
@@ -335,7 +389,7 @@ class RunJob(Checkpointable):
                 tail.append(line.strip())
         rc = self._proc.wait()
         sys.stderr.flush()
-        return {"returncode": rc, "error": "" if rc == 0 else (tail[-1] if tail else f"exit status {rc}")}
+        return {"returncode": rc, "error": "" if rc == 0 else error_line(list(tail), f"exit status {rc}")}
 
     def checkpoint(self, *args, **kwargs):
         proc = self._proc

@@ -3,12 +3,13 @@
 ``torchrun --nproc_per_node N -m vitlab train ...`` sets RANK / WORLD_SIZE / LOCAL_RANK (and the
 rendezvous address); ``vitlab train`` then joins the process group (NCCL on CUDA, gloo on CPU).
 
-How the work is split so that N processes train the same run one process would:
+How the work is split so that N processes train the run one process would, with the same recipe:
 - every rank draws the same data order (one generator, same seed) and the same global batch of
-  ``train.batch_size`` items, augments it with the same generator state, and keeps its own
-  contiguous slice: rank r takes items [r*B/N, (r+1)*B/N). Augmenting the whole global batch on
-  each rank costs N-fold augmentation work (cheap, batched, on the device) but keeps every
-  random draw identical to the single-process run, so the two agree up to float summation order;
+  ``train.batch_size`` items, and keeps its own contiguous slice: rank r takes items
+  [r*B/N, (r+1)*B/N). It augments only its slice (a streamed folder decodes only its slice too),
+  with a random stream of its own, as dropout has, so without random augmentation or dropout N
+  processes agree with one up to float summation order (tested), and with them the run is an
+  equally valid draw, not the same one (MixUp/CutMix pair images within a rank's slice);
 - DDP averages gradients over ranks, which equals the gradient of the global-batch mean loss
   because the slices are equal in size (the batch size must divide by the world size);
 - validation and test predictions are computed on slices and gathered, so metrics are those of

@@ -79,6 +79,13 @@ def autocast_for(precision: str, device: torch.device) -> Callable[[], object]:
     return nullcontext
 
 
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of rank ``rank``'s own streams (dropout, augmentation) in a run of seed ``seed``:
+    rank 0 keeps ``seed`` (a single process is unchanged); other ranks are far from every small seed
+    (``seed + rank`` made rank 1 of seed 0 draw rank 0 of seed 1's dropout)."""
+    return (seed + rank * 0x9E3779B97F4A7C15) % 2**63 if rank else seed
+
+
 def epoch_order(n: int, repeats: int, gen: torch.Generator) -> torch.Tensor:
     """One epoch's order of the ``n`` training items. With repeated augmentation (Hoffer et al., 2020,
     as DeiT's RASampler and timm's RepeatAugSampler do it): ceil(n / repeats) images in random order,
@@ -147,7 +154,10 @@ class Diverged(RuntimeError):
 
 class SignalGuard:
     """SIGINT/SIGTERM set a flag that the loop checks between optimizer steps (so the checkpoint it
-    saves is a consistent state); a second signal falls through to the previous handler."""
+    saves is a consistent state). A second Ctrl-C (SIGINT) falls through to the previous handler and
+    stops at once; a repeated SIGTERM does not: a scheduler that signals every process of a job
+    (Slurm's scancel, preemption) reaches a torchrun worker twice, once itself and once forwarded
+    by torchrun, and the worker must still save its checkpoint."""
 
     def __init__(self):
         self.signum = 0
@@ -160,9 +170,10 @@ class SignalGuard:
         return self
 
     def _handle(self, signum, frame):
+        if self.signum:  # a repeated SIGTERM: already stopping
+            return
         self.signum = signum
-        for sig, handler in self.previous.items():  # a second Ctrl-C stops at once
-            signal.signal(sig, handler)
+        signal.signal(signal.SIGINT, self.previous[signal.SIGINT])  # a second Ctrl-C stops at once
         print(f"\nvitlab: {signal.Signals(signum).name}: saving a checkpoint at the next step ...",
               file=sys.stderr, flush=True)
 
@@ -220,7 +231,7 @@ def train_run(cfg: RunConfig, out_dir: Path, *, resume: bool = False, progress: 
     main = dinfo.is_main
     if dinfo.enabled and t_cfg.batch_size % dinfo.world:
         raise ValueError(f"train.batch_size={t_cfg.batch_size} must divide by the {dinfo.world} processes")
-    seed_everything(t_cfg.seed + dinfo.rank)  # model init is broadcast from rank 0 by DDP
+    seed_everything(rank_seed(t_cfg.seed, dinfo.rank))  # model init is broadcast from rank 0 by DDP
 
     # ---- data: uint8 tensors, one stratified split shared by every arm (data.split_seed)
     bundle = load_dataset(d_cfg.name, d_cfg.root, limit=d_cfg.limit, seed=d_cfg.split_seed,
@@ -243,7 +254,7 @@ def train_run(cfg: RunConfig, out_dir: Path, *, resume: bool = False, progress: 
     torch.manual_seed(t_cfg.seed)  # identical initial weights on every rank
     model, mcfg = build_model(cfg, in_chans=in_chans, num_classes=num_classes, img_size=data_size)
     model = distributed.sync_batchnorm(dinfo, model.to(device), device)
-    torch.manual_seed(t_cfg.seed + dinfo.rank)
+    torch.manual_seed(rank_seed(t_cfg.seed, dinfo.rank))
     img_size = tuple(mcfg["img_size"]) if mcfg.get("img_size") else data_size
     feed = make_feed(train_ds, device, d_cfg.workers, t_cfg.seed)
     val_feed, test_feed = (make_feed(ds, device, d_cfg.workers, t_cfg.seed) for ds in (val_ds, test_ds))
@@ -255,7 +266,7 @@ def train_run(cfg: RunConfig, out_dir: Path, *, resume: bool = False, progress: 
     mean, std = stats.mean(1), stats.std(1).clamp_min(1e-3)
     augment = BatchAugment.from_config(cfg, mean=mean, std=std, num_classes=num_classes, channels=channels,
                                        img_size=img_size if img_size != data_size else None,
-                                       seed=t_cfg.seed + 7919 * dinfo.rank, device=device)
+                                       seed=rank_seed(t_cfg.seed, dinfo.rank), device=device)
     order_gen = torch.Generator().manual_seed(t_cfg.seed)  # the data order: the same on every rank
 
     # ---- recipe
@@ -271,6 +282,10 @@ def train_run(cfg: RunConfig, out_dir: Path, *, resume: bool = False, progress: 
         batch = max(dinfo.world, n_train // t_cfg.accum_steps // dinfo.world * dinfo.world)
         warnings.warn(f"only {n_train} training items: batch size {batch} instead of {t_cfg.batch_size}")
     per_step = batch * t_cfg.accum_steps
+    if (d_cfg.mixup > 0 or d_cfg.cutmix > 0) and (batch // dinfo.world) % 2:  # timm pairs each image with another
+        raise ValueError(f"data.mixup/data.cutmix need an even batch per process; train.batch_size={batch}"
+                         f"{f' over {dinfo.world} processes' if dinfo.enabled else ''} gives {batch // dinfo.world} "
+                         f"(MixUp/CutMix would skip every batch)")
     steps_per_epoch = max(1, n_train // per_step)
     total = steps_per_epoch * t_cfg.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(
