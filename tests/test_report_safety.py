@@ -62,8 +62,8 @@ def test_a_report_that_fails_midway_leaves_the_earlier_report_whole(cmp, capsys)
     pred.write_bytes(pred.read_bytes()[:300])  # truncated: read only for the ROC figure, after three others
     refused(["report", str(cmp)], capsys, f"{pred}: unreadable")
     assert report_files(cmp) == before
-    assert sorted(p.name for p in cmp.iterdir()) == ["configs", "experiment.json", "figures", "report.html",
-                                                     "report.md", "runs"]  # no temporary folder left
+    assert sorted(p.name for p in cmp.iterdir()) == [".lock", "configs", "experiment.json", "figures",
+                                                     "report.html", "report.md", "runs"]  # no temporary folder left
     # a report that succeeds replaces report.md, report.html and figures/ together (no stale figure kept)
     pred.unlink()
     (cmp / "figures" / "stale.png").write_bytes(b"old")
@@ -71,7 +71,7 @@ def test_a_report_that_fails_midway_leaves_the_earlier_report_whole(cmp, capsys)
     after = report_files(cmp)
     assert set(after) == set(before) and all(after[k][0] != before[k][0] for k in after)  # all new, stale.png gone
     assert "figures/roc.png" in (cmp / "report.md").read_text()
-    assert sorted(p.name for p in cmp.iterdir()) == ["configs", "experiment.json", "figures", "report.html",
+    assert sorted(p.name for p in cmp.iterdir()) == [".lock", "configs", "experiment.json", "figures", "report.html",
                                                      "report.md", "runs"]
 
 

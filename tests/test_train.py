@@ -250,7 +250,7 @@ def test_streamed_image_folder_trains_like_the_in_memory_one(tmp_path):
 
 def test_grey_data_trains_a_three_channel_model_with_affine_aug(tmp_path):
     final = train_run(syn_cfg("model.in_chans=3", "data.affine_degrees=10", "data.affine_translate=0.05",
-                              "data.affine_scale=[0.9, 1.1]"), tmp_path / "r", progress=False)
+                              "data.affine_scale=[0.9, 1.1]", "train.epochs=5"), tmp_path / "r", progress=False)
     assert final["model"]["in_chans"] == 3 and final["acc1"] > 0.4
     from vitlab.cli import main as cli
     assert cli(["eval", str(tmp_path / "r")]) == 0
