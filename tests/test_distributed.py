@@ -266,3 +266,32 @@ def test_batch_norm_is_synchronised_across_gpus_and_flagged_on_cpu():
         assert sync_batchnorm(two, net, cpu) is net
     vit = create_model(img_size=16, patch_size=4, dim=32, depth=1, heads=2)
     assert sync_batchnorm(two, vit, cuda) is vit  # layer norms only
+
+
+def _norm_stats_worker(rank, init_file, out):
+    import torch.distributed as dist
+
+    from vitlab.train.distributed import DistInfo, broadcast_norm_stats
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 1), torch.nn.BatchNorm2d(2), torch.nn.LayerNorm(2))
+    with torch.no_grad():
+        net[1].running_mean.fill_(rank + 1.0)
+        net[1].num_batches_tracked.fill_(10 * (rank + 1))
+        net[2].weight.fill_(rank + 1.0)  # not a batch norm: left alone
+    broadcast_norm_stats(DistInfo(rank=rank, world=2), net)
+    torch.save({"mean": net[1].running_mean, "count": net[1].num_batches_tracked, "ln": net[2].weight},
+               f"{out}/{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_ranks_evaluate_with_rank_zeros_batch_norm_statistics(tmp_path):
+    """On CPU (no SyncBatchNorm) each rank's running statistics follow its own slices: before
+    evaluating, every rank takes rank 0's, the ones its checkpoint holds."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_norm_stats_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    got = [torch.load(tmp_path / f"{r}.pt") for r in range(2)]
+    for g in got:
+        assert torch.equal(g["mean"], torch.ones(2)) and int(g["count"]) == 10
+    assert torch.equal(got[1]["ln"], torch.full((2,), 2.0))

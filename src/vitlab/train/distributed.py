@@ -92,6 +92,18 @@ def shutdown(info: DistInfo) -> None:
         dist.destroy_process_group()
 
 
+def broadcast_norm_stats(info: DistInfo, model: torch.nn.Module) -> None:
+    """Give every rank rank 0's batch-norm running statistics before evaluating. On CPU, where there
+    is no SyncBatchNorm, each rank's statistics follow its own slices, so each rank's share of the
+    val/test set was normalised with other statistics than the checkpoint rank 0 saves."""
+    if not info.enabled:
+        return
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            for b in m.buffers():
+                dist.broadcast(b, src=0)
+
+
 def all_sum(info: DistInfo, *values: float) -> list:
     """Sum scalars over ranks (float64 on the CPU, which gloo and NCCL-through-CPU both accept)."""
     if not info.enabled:

@@ -202,6 +202,7 @@ def predict(model, feed, augment: BatchAugment, batch_size: int, autocast, dinfo
     distributed run predicts its contiguous share and the shares are gathered)."""
     model.eval()
     n, dinfo = len(feed), dinfo or DistInfo()
+    distributed.broadcast_norm_stats(dinfo, model)  # every rank evaluates with what the checkpoint holds
     bounds = [n * r // dinfo.world for r in range(dinfo.world + 1)]
     out = []
     for x, _ in feed.batches(torch.arange(bounds[dinfo.rank], bounds[dinfo.rank + 1]), batch_size):
