@@ -181,3 +181,17 @@ def test_a_repeated_sigterm_still_saves_but_a_second_ctrl_c_stops_at_once():
             os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C after a signal: at once
             time.sleep(0.05)
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_an_atomic_write_flushes_the_file_and_then_its_folder(tmp_path, monkeypatch):
+    """The rename that publishes a checkpoint is itself made durable (the folder is fsynced after it)."""
+    import os
+    import stat
+
+    from vitlab import rundir
+
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(rundir.os, "fsync", lambda fd: synced.append(stat.S_ISDIR(os.fstat(fd).st_mode)) or real(fd))
+    rundir.atomic_write_text(tmp_path / "status.json", "{}")
+    assert synced == [False, True] and (tmp_path / "status.json").read_text() == "{}"

@@ -106,12 +106,27 @@ def _atomic_write(path: Path, write: Callable[[BinaryIO], None], failures=(OSErr
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        _fsync_dir(path.parent)  # the rename itself survives a power loss too
     except BaseException as err:
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
         if isinstance(err, failures) and not isinstance(err, OutputError):
             raise output_error(path, err) from err
         raise
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Flush a folder's entries to disk (POSIX; a no-op where folders cannot be opened, as on Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
