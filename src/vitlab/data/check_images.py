@@ -18,11 +18,7 @@ from typing import Iterator, List, Optional, Tuple
 
 from PIL import Image
 
-
-def image_files(root: Path) -> List[Path]:
-    """Every file under ``root``, sorted, hidden entries (names starting with ``.``) skipped."""
-    return sorted(p for p in root.rglob("*") if p.is_file()
-                  and not any(part.startswith(".") for part in p.relative_to(root).parts))
+from .folders import visible_files
 
 
 def problem(path: Path) -> Optional[str]:
@@ -37,7 +33,7 @@ def problem(path: Path) -> Optional[str]:
 
 def bad_images(root: Path, workers: int = 0) -> Iterator[Tuple[Path, str]]:
     """(path, reason) for every file under ``root`` that does not decode, in path order."""
-    files = image_files(root)
+    files = visible_files(root)
     if workers > 0:
         with Pool(workers) as pool:
             reasons = list(pool.imap(problem, files, chunksize=64))

@@ -60,6 +60,12 @@ def class_list(classes: Union[str, Sequence[str]], kind: str) -> List[str]:
     return names
 
 
+def visible_files(folder: Path) -> List[Path]:
+    """Every file under ``folder``, sorted, hidden entries (names starting with ``.``) skipped."""
+    return sorted(p for p in folder.rglob("*") if p.is_file()
+                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+
+
 def class_files(tree: Path, kind: str, only: Optional[Sequence[str]] = None) -> Dict[str, List[Path]]:
     """{class name: sorted files} for the class folders of ``tree`` (hidden entries ignored), in
     folder-name order; ``only``: just these classes (the others are not even listed).
@@ -84,8 +90,7 @@ def class_files(tree: Path, kind: str, only: Optional[Sequence[str]] = None) -> 
         classes = [p for p in classes if p.name in keep]
     out = {}
     for folder in classes:
-        files = sorted(p for p in folder.rglob("*") if p.is_file()
-                       and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+        files = visible_files(folder)
         if not files:
             raise ValueError(f"{kind}: class folder {folder} is empty")
         out[folder.name] = files

@@ -114,6 +114,7 @@ class BatchAugment:
                  channels: Optional[int] = None, label_smoothing: float = 0.0, img_size: Optional[Tuple[int, ...]] = None,
                  seed: int = 0, device: torch.device = torch.device("cpu")):
         self.mean, self.std = mean.to(device), std.to(device)
+        self.black = -self.mean / self.std  # a black pixel once normalised: RandomAffine's fill
         self.hflip, self.crop_pad, self.img_size, self.channels = hflip, crop_pad, img_size, channels
         self.affine = (affine_degrees, affine_translate, tuple(affine_scale))
         self.use_affine = affine_degrees > 0 or affine_translate > 0 or tuple(affine_scale) != (1.0, 1.0)
@@ -166,7 +167,7 @@ class BatchAugment:
                 x = torch.stack([self.policy(img) for img in x])  # one policy draw per image (uint8)
             x = self.normalize(x)
             if self.use_affine:
-                x = random_affine(x, *self.affine, self.gen, fill=-self.mean / self.std)  # black
+                x = random_affine(x, *self.affine, self.gen, fill=self.black)
             if self.erase is not None:
                 x = self.erase(x)
             if self.mix is not None and x.shape[0] % 2 == 0:

@@ -25,8 +25,7 @@ import torch.nn.functional as F
 from .. import rundir
 from ..config import RunConfig, dump_yaml
 from ..eval.metrics import classification_metrics
-from . import augment as augment_mod
-from .augment import BatchAugment, match_channels
+from .augment import BatchAugment, check_dims, match_channels
 from . import distributed
 from .build import build_model, param_groups
 from .distributed import DistInfo
@@ -250,7 +249,7 @@ def train_run(cfg: RunConfig, out_dir: Path, *, resume: bool = False, progress: 
     test_ds = bundle.test if split["test"] is None else bundle.train.subset(split["test"])
     num_classes = len(bundle.train.classes)
     in_chans, data_size = train_ds.item_shape[0], tuple(train_ds.item_shape[1:])
-    augment_mod.check_dims(d_cfg, len(data_size))
+    check_dims(d_cfg, len(data_size))
 
     torch.manual_seed(t_cfg.seed)  # identical initial weights on every rank
     model, mcfg = build_model(cfg, in_chans=in_chans, num_classes=num_classes, img_size=data_size)
