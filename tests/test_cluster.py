@@ -173,6 +173,33 @@ def test_local_runs_at_once_get_gpus_of_their_own_and_train_data_parallel(tmp_pa
     assert [json.loads((r / "final.json").read_text())["world_size"] for r in runs] == [2, 2]
 
 
+def test_submitit_local_jobs_at_once_get_gpus_of_their_own(tmp_path, monkeypatch):
+    """submitit's local executor gave every job GPUs 0..G-1, the same ones for jobs at once; each job
+    now gets a group no other running job holds (here CPU-only: the runs record what they were given)."""
+    monkeypatch.setattr(runner, "_visible_gpus", lambda: ["0", "1", "2", "3"])
+    exp_file = tmp_path / "exp.yaml"
+    exp_file.write_text(ONE_SEED)
+    out, lines = tmp_path / "cmp", []
+    states = run_compare(load_experiment(str(exp_file)), out, jobs=2, launcher="submitit-local",
+                         cluster=ClusterOptions(gpus_per_run=1, time_min=20), log=lines.append)
+    assert set(states.values()) == {"finished"}, lines
+    assert "(2 at a time); GPUs 0 | 1 | 2 | 3, one group per job" in lines[0]
+    records = json.loads((out / "slurm" / "jobs.json").read_text())
+    seen = {n: json.loads((out / "runs" / n / "env.json").read_text())["cuda_visible_devices"] for n in records}
+    assert sorted(seen.values()) == ["0", "1"] and seen == {n: r["gpus"] for n, r in records.items()}
+
+
+@pytest.mark.parametrize("visible", [["0"], []])
+def test_more_gpus_per_job_than_this_machine_shows_is_refused(tmp_path, monkeypatch, visible):
+    monkeypatch.setattr(runner, "_visible_gpus", lambda: visible)
+    exp_file = tmp_path / "exp.yaml"
+    exp_file.write_text(ONE_SEED)
+    with pytest.raises(ValueError, match=f"--gpus-per-run 2 but this machine shows {len(visible)} GPU"):
+        run_compare(load_experiment(str(exp_file)), tmp_path / "o", launcher="submitit-local",
+                    cluster=ClusterOptions(gpus_per_run=2), log=lambda m: None)
+    assert not (tmp_path / "o").exists()
+
+
 def test_job_launcher_runs_data_parallel_under_torchrun(tmp_path, capsys):
     exp_file = tmp_path / "exp.yaml"
     exp_file.write_text(EXP.replace("seeds: 2", "seeds: 1").replace("  rope_axial: {model.qk_pe: rope_axial}\n", ""))

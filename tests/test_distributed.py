@@ -199,9 +199,8 @@ d.init(info, __import__("torch").device("cpu"))
 run_dir = Path(sys.argv[1] if info.rank == 0 else sys.argv[2])  # rank 1's "node" mounts sys.argv[2] there
 if info.rank == 0:
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "status.json").write_text("{}")
 try:
-    d.require_shared(info, run_dir / "status.json", wait_s=0.5)
+    d.require_shared(info, run_dir, wait_s=0.5)
     said = "shared"
 except RuntimeError as err:
     said = str(err)
@@ -210,23 +209,32 @@ d.shutdown(info)
 """
 
 
-@pytest.mark.parametrize("shared", [True, False])
-def test_every_rank_must_see_the_run_directory(tmp_path, shared):
+@pytest.mark.parametrize("case", ["shared", "elsewhere", "stale"])
+def test_every_rank_must_see_the_run_directory(tmp_path, case):
     """On nodes without a shared file system, rank 1 would find no best checkpoint to evaluate at the
-    end of training; the run stops at its start instead, on every rank, naming the blind ranks."""
-    mine, theirs = tmp_path / "run", tmp_path / ("run" if shared else "elsewhere")
+    end of training; the run stops at its start instead, on every rank, naming the blind ranks. A
+    node whose local directory of that name holds an earlier run's check file ("stale") is as blind."""
+    from vitlab.train.distributed import SHARED_MARKER
+
+    mine, theirs = tmp_path / "run", tmp_path / ("run" if case == "shared" else "elsewhere")
+    if case == "stale":
+        theirs.mkdir()
+        (theirs / SHARED_MARKER).write_text("written by an earlier run")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            "--no-python", sys.executable, "-c", SHARED_PROBE, str(mine), str(theirs), str(tmp_path)],
                           env=ENV, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     said = [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)]
-    if shared:
+    assert not (mine / SHARED_MARKER).exists()  # rank 0 removes its check file, pass or fail
+    if case == "shared":
         assert said == ["shared", "shared"]
     else:
+        verb = "does not see" if case == "elsewhere" else "reads another file at"
         for text in said:  # both ranks raise, with the same message
             host = socket.gethostname()
-            assert text == (f"rank 1 on {host} does not see {theirs / 'status.json'} (rank 0 on {host} wrote "
-                            f"{mine / 'status.json'}): the run directory must be on a file system every node shares")
+            assert text == (f"rank 1 on {host} {verb} {theirs / SHARED_MARKER} (rank 0 on {host} wrote "
+                            f"{mine / SHARED_MARKER}): the run directory must be on a file system every node "
+                            f"shares")
 
 
 def test_only_rank_zero_marks_a_stopped_run_failed(tmp_path, monkeypatch):

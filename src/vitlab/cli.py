@@ -389,7 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "submitit) or submitit-local (submitit's local executor: jobs on this machine)")
     g.add_argument("--no-wait", action="store_true", help="submit the jobs and return; `vitlab report OUT` later")
     g.add_argument("--partition", help="Slurm partition")
-    g.add_argument("--gpus-per-run", type=int, help="GPUs per job (Slurm default 0; submitit-local: the visible ones)")
+    g.add_argument("--gpus-per-run", type=int, help="GPUs per job (Slurm default 0; submitit-local default one "
+                   "per process, jobs at once getting GPUs of their own)")
     g.add_argument("--cpus-per-run", type=int, help="CPUs per job, also the run's torch threads")
     g.add_argument("--time-min", type=int, help="time limit per job in minutes (default 1440); a job that reaches "
                    "it is requeued and resumes from its checkpoint")

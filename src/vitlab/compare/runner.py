@@ -174,10 +174,7 @@ def run_compare(exp: Experiment, out: Path, *, extra: Optional[List[str]] = None
     out = Path(out)
     # before anything is written
     cluster, specs, manifest = _prepare(exp, out, extra, launcher, cluster, wait, log, jobs, procs)
-    visible = _visible_gpus() if launcher == "local" and (procs or 1) > 1 else []
-    if visible and procs > len(visible) and any(str(s.config.train.device) in ("auto", "cuda") for s in specs):
-        raise ValueError(f"--procs-per-run {procs} but this machine shows {len(visible)} GPU(s) "
-                         f"({','.join(visible)}): each process of a run takes a GPU of its own")
+    _check_gpus_here(launcher, cluster, procs, specs)
     with _exclusive(out):
         return _run_compare(exp, out, cluster, specs, manifest, extra, jobs, retry_failed, log, launcher, wait,
                             poll_s, procs)
@@ -238,10 +235,7 @@ def _run_compare(exp, out, cluster, specs, manifest, extra, jobs, retry_failed, 
         return _run_jobs(specs, todo, in_flight, out, launcher, cluster, jobs, threads, wait, log, poll_s, procs)
     jobs = jobs or 1
     groups = _gpu_groups(_visible_gpus(), procs)
-    where = f"{jobs} at a time" + (f", {procs} processes each" if procs > 1 else "")
-    if groups:
-        where += (f"; GPUs {' | '.join(groups)}, one group per run" if jobs <= len(groups) else
-                  f"; GPUs {' | '.join(groups)}, shared: more runs at a time than GPU groups")
+    where = f"{jobs} at a time" + (f", {procs} processes each" if procs > 1 else "") + _gpu_note(groups, jobs)
     log(f"{len(specs)} runs: {len(specs) - len(todo)} already done, {len(todo)} to run ({where})")
     tally = _Tally(len(todo), log)
     free: "queue.Queue[str]" = queue.Queue()  # GPU groups not in use (a group repeats when runs must share)
@@ -252,7 +246,7 @@ def _run_compare(exp, out, cluster, specs, manifest, extra, jobs, retry_failed, 
         spec, run, cfg_file = item
         t0 = time.time()
         # a run with an explicit train.device (cpu, cuda:N) keeps it; auto and cuda get a GPU group
-        gpus = free.get() if groups and str(spec.config.train.device) in ("auto", "cuda") else None
+        gpus = free.get() if groups and _on_gpus(spec) else None
         env = None if gpus is None else {**os.environ, "CUDA_VISIBLE_DEVICES": gpus}
         try:
             proc = subprocess.run(_command(spec, run, cfg_file, threads, procs), capture_output=True, text=True,
@@ -266,6 +260,37 @@ def _run_compare(exp, out, cluster, specs, manifest, extra, jobs, retry_failed, 
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         list(pool.map(one, todo))
     return {s.name: run_state(out / "runs" / s.name) for s in specs}
+
+
+def _on_gpus(spec: RunSpec) -> bool:
+    """The run takes the GPUs a launcher gives it (``auto``, ``cuda``); an explicit ``cpu`` or ``cuda:N``
+    keeps what it names."""
+    return str(spec.config.train.device) in ("auto", "cuda")
+
+
+def _check_gpus_here(launcher: str, cluster: "ClusterOptions", procs: Optional[int], specs: List[RunSpec]) -> None:
+    """Before anything is written: a launcher that runs on this machine (local, submitit-local) cannot
+    give a run more GPUs than this machine shows. Without GPUs, several processes per run train on
+    the CPU (gloo); GPUs asked for by ``--gpus-per-run`` must be here."""
+    if launcher == "slurm" or not any(_on_gpus(s) for s in specs):
+        return
+    asked = cluster.gpus_per_run if launcher == "submitit-local" else None
+    need = asked if asked is not None else (procs or 1)
+    if asked is None and need <= 1:
+        return
+    visible = _visible_gpus()
+    if (visible or asked is not None) and need > len(visible):
+        flag = "--gpus-per-run" if asked is not None else "--procs-per-run"
+        raise ValueError(f"{flag} {need} but this machine shows {len(visible)} GPU(s) "
+                         f"({','.join(visible) or 'none'}): each process of a run takes a GPU of its own")
+
+
+def _gpu_note(groups: List[str], at_once: int, what: str = "run") -> str:
+    """How the runs at once share this machine's GPU groups, for the first progress line."""
+    if not groups:
+        return ""
+    return (f"; GPUs {' | '.join(groups)}, one group per {what}" if at_once <= len(groups) else
+            f"; GPUs {' | '.join(groups)}, shared: more {what}s at a time than GPU groups")
 
 
 def _visible_gpus() -> List[str]:
@@ -325,8 +350,9 @@ JOB_DIR = "slurm"
 class ClusterOptions:
     """One run's job resources (``--launcher slurm`` / ``submitit-local``).
 
-    ``gpus_per_run`` None: none on Slurm; under ``submitit-local`` the GPUs visible here (submitit's
-    local executor hides the others). ``cpus_per_run`` also sets the run's torch threads.
+    ``gpus_per_run`` None: none on Slurm; under ``submitit-local`` one per process of the run, as the
+    local launcher gives (jobs at once get GPUs of their own while there are enough).
+    ``cpus_per_run`` also sets the run's torch threads.
     ``slurm_args``: further ``#SBATCH`` options (``{"account": "abc", "qos": "high"}``)."""
 
     partition: Optional[str] = None
@@ -372,17 +398,23 @@ class RunJob(Checkpointable):
     """One run as a submitit job. It runs the command the local launcher runs (:func:`_command`),
     chosen when the job starts: a job requeued after a timeout or preemption resumes the run from
     its last checkpoint. Before requeueing, submitit calls :meth:`checkpoint`, which stops
-    ``vitlab train`` with SIGTERM (it saves a checkpoint at the next step and exits)."""
+    ``vitlab train`` with SIGTERM (it saves a checkpoint at the next step and exits).
 
-    def __init__(self, spec: RunSpec, run: Path, cfg_file: Path, threads: int, procs: int = 1):
+    ``gpus``: the run's ``CUDA_VISIBLE_DEVICES`` (submitit-local, which picks them here); None keeps the
+    job's own (Slurm sets it to the job's allocation)."""
+
+    def __init__(self, spec: RunSpec, run: Path, cfg_file: Path, threads: int, procs: int = 1,
+                 gpus: Optional[str] = None):
         self.spec, self.run, self.cfg_file, self.threads, self.procs = spec, Path(run), Path(cfg_file), threads, procs
+        self.gpus = gpus
         self._proc: Optional[subprocess.Popen] = None
 
     def __call__(self) -> dict:
         cmd = _command(self.spec, self.run, self.cfg_file, self.threads, self.procs)
         print("vitlab job: " + " ".join(cmd), file=sys.stderr, flush=True)
         tail: collections.deque = collections.deque(maxlen=200)
-        self._proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+        env = None if self.gpus is None else {**os.environ, "CUDA_VISIBLE_DEVICES": self.gpus}
+        self._proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
         for line in self._proc.stderr:  # the job's log keeps the run's messages; the last line is the error
             sys.stderr.write(line)
             if line.strip():
@@ -450,13 +482,10 @@ def _executor(out: Path, launcher: str, cluster: ClusterOptions, jobs: Optional[
     import submitit
 
     ex = submitit.AutoExecutor(folder=Path(out) / JOB_DIR, cluster="slurm" if launcher == "slurm" else "local")
-    gpus = cluster.gpus_per_run
-    if gpus is None:
-        if launcher == "slurm":
-            gpus = 0
-        else:
-            import torch
-            gpus = torch.cuda.device_count()
+    # submitit's local executor would give every job GPUs 0..G-1, the same ones for jobs at once (and
+    # indices that ignore this process's CUDA_VISIBLE_DEVICES); each RunJob gets its group from
+    # _run_jobs instead, so the executor itself hands out none
+    gpus = (cluster.gpus_per_run or 0) if launcher == "slurm" else 0
     params = {"name": f"vitlab-{Path(out).resolve().name}", "timeout_min": int(cluster.time_min), "nodes": 1,
               "tasks_per_node": 1, "gpus_per_node": int(gpus), "cpus_per_task": cluster.cpus_per_run,
               "mem_gb": cluster.mem_gb}
@@ -473,8 +502,10 @@ def _run_jobs(specs: List[RunSpec], todo: list, in_flight: Dict[str, dict], out:
     """Submit ``todo`` as submitit jobs (files under ``out/slurm/``); with ``wait``, also wait for them
     and for the still-running jobs of an earlier call (``in_flight``), with progress lines.
 
-    Slurm: one job array, at most ``jobs`` tasks running at once when given. submitit-local: at most
-    ``jobs`` (default 1) at a time while waiting; with ``wait=False`` every job starts at once."""
+    Slurm: one job array, at most ``jobs`` tasks running at once when given; Slurm gives each its GPUs.
+    submitit-local: at most ``jobs`` (default 1) at a time while waiting, with ``wait=False`` every job
+    at once; each job gets the least used group of this machine's GPUs (``cluster.gpus_per_run``, by
+    default ``procs``, per group), so jobs at once share none while there are groups enough."""
     import submitit
 
     out = Path(out)
@@ -488,21 +519,47 @@ def _run_jobs(specs: List[RunSpec], todo: list, in_flight: Dict[str, dict], out:
         what = f"{len(todo)} to run as submitit local jobs" + (f" ({cap} at a time)" if wait else " (all at once)")
     if procs > 1:
         what += f", each on {procs} processes (torchrun)"
+    visible: List[str] = []
+    groups: List[str] = []
+    if launcher == "submitit-local":
+        visible = _visible_gpus()
+        per = cluster.gpus_per_run if cluster.gpus_per_run is not None else procs
+        groups = _gpu_groups(visible, per) if per else []
+        what += _gpu_note(groups, min(cap, len(todo) + len(in_flight)), "job")
     log(f"{len(specs)} runs: {len(specs) - len(todo) - len(in_flight)} already done, "
         + (f"{len(in_flight)} still running as jobs of an earlier call, " if in_flight else "")
         + f"{what}; job files in {out / JOB_DIR}")
     items = {spec.name: (spec, run, cfg_file) for spec, run, cfg_file in todo}
     queue = list(items)
     active: Dict[str, object] = {}  # name -> submitit job (None: a local job of an earlier call)
+    gpu_of = {n: rec.get("gpus") for n, rec in in_flight.items()}  # submitit-local: each job's GPU group
+
+    def gpus_for(name: str) -> Optional[str]:
+        """The CUDA_VISIBLE_DEVICES of a submitit-local job: the group fewest active jobs hold."""
+        if launcher != "submitit-local":
+            return None
+        if not (groups and _on_gpus(items[name][0])):
+            return ",".join(visible)  # a CPU run, or one that names its GPU, keeps this machine's view
+        held = collections.Counter(gpu_of.get(n) for n in active)
+        return min(groups, key=lambda g: held[g])
 
     def submit(names: List[str]) -> None:
         if not names:
             return
-        fns = [RunJob(items[n][0], items[n][1].resolve(), items[n][2].resolve(), threads, procs) for n in names]
-        with ex.batch():  # one Slurm job array
-            submitted = [ex.submit(fn) for fn in fns]
+        if launcher == "slurm":
+            fns = [RunJob(items[n][0], items[n][1].resolve(), items[n][2].resolve(), threads, procs) for n in names]
+            with ex.batch():  # one Slurm job array
+                submitted = [ex.submit(fn) for fn in fns]
+        else:
+            submitted = []
+            for n in names:  # one at a time: each job's GPU group depends on the jobs already started
+                gpu_of[n] = gpus_for(n)
+                submitted.append(ex.submit(RunJob(items[n][0], items[n][1].resolve(), items[n][2].resolve(),
+                                                  threads, procs, gpu_of[n])))
+                active[n] = submitted[-1]
         for n, job in zip(names, submitted):
-            records[n] = {"launcher": launcher, "job_id": str(job.job_id), "submitted": time.time()}
+            records[n] = {"launcher": launcher, "job_id": str(job.job_id), "submitted": time.time(),
+                          **({"gpus": gpu_of[n]} if n in gpu_of else {})}
             active[n] = job
         rundir.write_json(_records_path(out), records)
 

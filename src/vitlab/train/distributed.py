@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+import uuid
 import warnings
 from dataclasses import dataclass
 from datetime import timedelta
@@ -153,31 +154,46 @@ def barrier(info: DistInfo) -> None:
         dist.barrier()
 
 
-def require_shared(info: DistInfo, marker: Path, wait_s: float = 60.0) -> None:
-    """Raise on every rank, at once, unless every rank sees ``marker``, a file rank 0 has just written
-    into the run directory (call it on every rank, after rank 0 wrote it).
+#: the file rank 0 writes into a run directory for :func:`require_shared`, removed once checked
+SHARED_MARKER = ".shared-check"
 
-    A rank polls for up to ``wait_s`` seconds before it reports the file missing: an NFS client may
-    hold a cached "no such file" for the new directory that long. Listing the directory (and its
-    parent) makes the client look again rather than answer from that cache."""
+
+def require_shared(info: DistInfo, run_dir: Path, wait_s: float = 60.0) -> None:
+    """Raise on every rank, at once, unless every rank reads in ``run_dir`` the file rank 0 has just
+    written there (call it on every rank, once rank 0 has made the directory).
+
+    The file holds a token drawn for this call, so a rank on a node with a local directory of the
+    same name, left by an earlier run, fails the check as one that sees nothing does. A rank polls
+    for up to ``wait_s`` seconds: an NFS client may hold a cached "no such file" (or old contents)
+    for that long. Listing the directory and its parent makes the client look again rather than
+    answer from that cache."""
     if not info.enabled:
         return
+    marker = Path(run_dir) / SHARED_MARKER
+    token = gather_objects(info, uuid.uuid4().hex)[0]  # rank 0's
+    if info.rank == 0:
+        marker.write_text(token)
     barrier(info)  # rank 0 has written the marker
     deadline = time.monotonic() + wait_s
     while True:
         try:
-            seen = marker.name in os.listdir(marker.parent)
+            seen = "missing"
+            if marker.name in os.listdir(marker.parent):
+                seen = "same" if marker.read_text() == token else "other"
         except OSError:
-            seen = False
-        if seen or time.monotonic() >= deadline:
+            pass
+        if seen == "same" or time.monotonic() >= deadline:
             break
         try:
             os.listdir(marker.parent.parent)
         except OSError:
             pass
         time.sleep(1.0)
-    views = gather_objects(info, (socket.gethostname(), str(marker), seen))
-    blind = [f"rank {r} on {host} does not see {path}" for r, (host, path, ok) in enumerate(views) if not ok]
+    views = gather_objects(info, (socket.gethostname(), str(marker), seen))  # every rank has read it
+    if info.rank == 0:
+        marker.unlink(missing_ok=True)
+    said = {"missing": "does not see", "other": "reads another file at"}
+    blind = [f"rank {r} on {host} {said[v]} {path}" for r, (host, path, v) in enumerate(views) if v != "same"]
     if blind:
         raise RuntimeError(f"{'; '.join(blind)} (rank 0 on {views[0][0]} wrote {views[0][1]}): the run "
                            f"directory must be on a file system every node shares")

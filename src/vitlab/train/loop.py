@@ -342,7 +342,7 @@ def train_run(cfg: RunConfig, out_dir: Path, *, resume: bool = False, progress: 
             (out_dir / stale).unlink(missing_ok=True)
     if main:
         rundir.set_status(out_dir, "running")
-    distributed.require_shared(dinfo, out_dir / "status.json")  # each rank reads the checkpoints later
+    distributed.require_shared(dinfo, out_dir)  # each rank reads the checkpoints later
 
     def checkpoint(name: str, partial_state: Optional[dict]) -> None:
         rng = {"global": rng_state(), "augment": augment.get_state()}
