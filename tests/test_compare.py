@@ -158,32 +158,68 @@ def test_statistics_against_scipy():
     assert [r["group"] for r in rows] == ["arm", "base"] and rows[1]["verdict"] == "baseline"
 
 
-def test_equal_paired_differences_use_the_exact_sign_test():
+def test_equal_paired_differences_floor_the_std_at_one_test_image():
     """Accuracies are whole numbers of test images: an arm exactly one image behind on every seed has
-    no spread in its differences, t is infinite and scipy's p is 0. That is no evidence of a
-    difference: the exact sign test says p = 2/2^n (0.25 for 3 seeds; 6 seeds to reach 0.05)."""
+    no spread in its differences, t is infinite and scipy's p is 0. With the metric's step known
+    (1/test images) the std is floored at the smallest one whole images allow, so more consistent
+    evidence never gets a larger p: +3,+3,+3 images beats +2,+2,+3, which beats +1,+1,+0, and
+    +1,+1,+1 is a tie. Where the differences vary, the floor never binds (scipy's ttest_rel)."""
+    step = 1 / 256
     base = {0: 124 / 256, 1: 152 / 256, 2: 151 / 256}
-    behind = {s: v - 1 / 256 for s, v in base.items()}
+    ahead = {k: (lambda inc: paired_test({s: v + i * step for (s, v), i in zip(base.items(), inc)}, base, step))(k)
+             for k in [(3, 3, 3), (2, 2, 3), (2, 2, 2), (1, 1, 1), (1, 1, 0)]}
+    ps = [ahead[k]["p"] for k in [(3, 3, 3), (2, 2, 3), (2, 2, 2), (1, 1, 1), (1, 1, 0)]]
+    assert ps == sorted(ps) and len(set(ps)) == 5
+    assert ahead[(3, 3, 3)]["test"] == "t, std floored" and ahead[(3, 3, 3)]["verdict"] == "better"
+    assert ahead[(1, 1, 1)]["verdict"] == "tie"
+    # floored std = step/sqrt(3): t = mean / (std/sqrt(3)) = 3 * mean / step
+    assert ahead[(1, 1, 1)]["p"] == pytest.approx(2 * stats.t.sf(3.0, 2))
+    varied = [v + i * step for v, i in zip(base.values(), (2, 2, 3))]
+    assert ahead[(2, 2, 3)]["test"] == "t"
+    assert ahead[(2, 2, 3)]["p"] == pytest.approx(stats.ttest_rel(varied, list(base.values())).pvalue, rel=1e-12)
+    behind = {s: v - step for s, v in base.items()}
     with warnings.catch_warnings():  # scipy warns of the degenerate case, then says p = 0
         warnings.simplefilter("ignore")
         assert stats.ttest_rel(list(behind.values()), list(base.values())).pvalue == 0
-    t = paired_test(behind, base)
-    assert t["test"] == "sign" and t["p"] == pytest.approx(0.25) and t["verdict"] == "tie"
-    assert t["diff"] == pytest.approx(-1 / 256)
-    six = {s: 0.5 + 0.01 * s for s in range(6)}
-    t6 = paired_test({s: v + 0.002 for s, v in six.items()}, six)
-    assert t6["p"] == pytest.approx(2 / 2**6) and t6["verdict"] == "better"
+    t = paired_test(behind, base, step)
+    assert t["verdict"] == "tie" and t["diff"] == pytest.approx(-step)
     f32 = {s: float(np.float32(v)) for s, v in behind.items()}  # as final.json stored them before float64
-    assert paired_test(f32, {s: float(np.float32(v)) for s, v in base.items()})["test"] == "sign"
-    noise = paired_test({s: v + 1e-7 for s, v in base.items()}, base)  # rounding, not a difference
+    assert paired_test(f32, {s: float(np.float32(v)) for s, v in base.items()}, step)["p"] == pytest.approx(t["p"])
+    noise = paired_test({s: v + 1e-7 for s, v in base.items()}, base, step)  # rounding, not a difference
     assert noise["p"] == 1.0 and noise["verdict"] == "tie"
     assert paired_test({0: 0.9, 1: 0.8}, {0: 0.85})["verdict"] == "untested"  # one pair: nothing to test
-    rows = summarize({"base": base, "behind": behind, "same": dict(base), "one": {0: 0.99}}, "base")
+    rows = summarize({"base": base, "behind": behind, "one": {0: 0.99}}, "base", resolution=step)
     text = "\n".join(ranking_table(rows, "acc1"))
-    assert "0.25 (sign test)" in text and "untested (1 seed paired with the baseline's)" in text
+    assert "(std floored)" in text and "untested (1 seed paired with the baseline's)" in text
     flat = {0: 0.5, 1: 0.5}
     assert "n/a (all seeds equal)" in "\n".join(ranking_table(summarize({"a": flat, "b": {0: 0.4, 1: 0.6}}, "b"),
                                                                "acc1"))
+
+
+def test_equal_differences_of_a_metric_without_a_step_use_the_exact_sign_test():
+    """AUROC moves in uneven steps: equal paired differences get the exact sign test, p = 2/2^n."""
+    base = {s: 0.9 + 0.01 * s for s in range(6)}
+    t3 = paired_test({s: base[s] + 0.002 for s in range(3)}, base)
+    assert t3["test"] == "sign" and t3["p"] == pytest.approx(0.25) and t3["verdict"] == "tie"
+    t6 = paired_test({s: v + 0.002 for s, v in base.items()}, base)
+    assert t6["p"] == pytest.approx(2 / 2**6) and t6["verdict"] == "better"
+    assert "0.25 (sign test)" in "\n".join(ranking_table(summarize({"b": base, "a": {s: base[s] + 0.002 for s in
+                                                                                           range(3)}}, "b"), "auroc"))
+
+
+def test_the_report_takes_the_accuracy_step_from_its_runs_test_size():
+    from vitlab.compare.report import metric_step, ranking_rows
+
+    runs = [{"arm": arm, "seed": s, "point": {}, "final": {"test_size": 256, "acc1": (150 + s + 3 * (arm == "a")) / 256,
+                                                           "auroc_macro": 0.9 + 0.01 * s + 0.002 * (arm == "a")}}
+            for arm in ("base", "a") for s in range(3)]
+    assert metric_step(runs, "acc1") == 1 / 256 and metric_step(runs, "auroc_macro") is None
+    row = next(r for r in ranking_rows({"baseline": "base", "metric": "acc1"}, runs) if r["group"] == "a")
+    assert row["test"] == "t, std floored" and row["p"] == pytest.approx(2 * stats.t.sf(9.0, 2))
+    row = next(r for r in ranking_rows({"baseline": "base", "metric": "auroc_macro"}, runs) if r["group"] == "a")
+    assert row["test"] == "sign"
+    runs[0]["final"]["test_size"] = 255  # runs on test sets of other sizes: no one step
+    assert metric_step(runs, "acc1") is None
 
 
 def test_accuracy_is_an_exact_fraction():

@@ -163,6 +163,16 @@ def _metric_value(final: dict, metric: str) -> Optional[float]:
     return None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
 
 
+def metric_step(finished: List[dict], metric: str) -> Optional[float]:
+    """The smallest step of ``metric`` over these runs: one test image (1/test_size) for an accuracy
+    when every run has the same test set size; None otherwise (AUROC moves in uneven steps)."""
+    sizes = {r["final"].get("test_size") for r in finished}
+    if metric not in ("acc1", "acc5") or len(sizes) != 1:
+        return None
+    size = sizes.pop()
+    return 1.0 / size if isinstance(size, int) and size > 0 else None
+
+
 def ranking_rows(manifest: dict, finished: List[dict]) -> List[dict]:
     """Rows of the ranking: one per arm (at each grid point), each paired with the baseline arm at
     the same grid point."""
@@ -176,12 +186,13 @@ def ranking_rows(manifest: dict, finished: List[dict]) -> List[dict]:
         groups.setdefault(g, {})
         if v is not None:
             groups[g][r["seed"]] = v
+    resolution = metric_step(finished, metric)
     rows = []
     for g in groups:  # summarize() pairs with one baseline; here each grid point has its own
         base = baseline_of[g]
         sub = {g: groups[g], **({base: groups[base]} if base in groups else {})}
-        row = next(x for x in summarize(sub, base if base in groups else None, metric, correction="none")
-                   if x["group"] == g)
+        row = next(x for x in summarize(sub, base if base in groups else None, metric, correction="none",
+                                        resolution=resolution) if x["group"] == g)
         rows.append(row)
     adjust_p(rows, manifest.get("correction", "holm"))  # one family: every arm-vs-baseline test of the comparison
     return sorted(rows, key=lambda r: -r["mean"] if not math.isnan(r["mean"]) else math.inf)
@@ -200,10 +211,24 @@ def ranking_table(rows: List[dict], metric: str) -> List[str]:
             verdict = "untested (no finished baseline run)"
         elif verdict == "untested":
             verdict = f"untested ({r['pairs']} seed{'s' * (r['pairs'] != 1)} paired with the baseline's)"
-        p = _fmt(r["p"], ".3g") + (" (sign test)" if r.get("test") == "sign" else "")
+        p = _fmt(r["p"], ".3g") + {"sign": " (sign test)", "t, std floored": " (std floored)"}.get(r.get("test"), "")
         lines.append(f"| {i} | {r['group']} | {r['n']} | {spread} | {_fmt(r['diff'], '+.4f')} | "
                      f"{p} | {_fmt(r['p_adj'], '.3g')} | {verdict} |")
     return lines
+
+
+def step_note(rows: List[dict]) -> str:
+    """The sentence on tests whose paired differences were all equal, when the ranking has any."""
+    tests = {r.get("test") for r in rows}
+    notes = []
+    if "t, std floored" in tests:
+        notes.append("Where every paired difference is the same number of test images (std 0, t infinite), the "
+                     "std is floored at the smallest one whole images allow, one image over n seeds "
+                     "(1/(test size·√n); marked std floored), so an arm 1 image ahead on each of 3 seeds is a tie. ")
+    if "sign" in tests:
+        notes.append("Where every paired difference is the same and the metric has no fixed step, the exact sign "
+                     "test is used instead (scipy `binomtest`; p = 0.25 for 3 seeds all on one side). ")
+    return "".join(notes)
 
 
 def ranking_summary(out: Path) -> str:
@@ -280,9 +305,8 @@ def report_lines(out: Path, data: dict, stage: Path) -> List[str]:
                 f"{ALPHA} are called ties")
     lines += [f"## Ranking ({METRIC_NAMES.get(metric, metric)})", "",
               f"Mean ± sample std over seeds, 95% t-interval of the mean, and a two-sided paired t-test "
-              f"against the baseline arm (at the same grid point), paired by seed (scipy `ttest_rel`; where "
-              f"every paired difference is the same, t is undefined and the exact sign test is used instead, "
-              f"scipy `binomtest`: p = 0.25 for 3 seeds all on one side). "
+              f"against the baseline arm (at the same grid point), paired by seed (scipy `ttest_rel`). "
+              f"{step_note(rows)}"
               f"{adjusted}: the seeds do not support ranking them.", "", *ranking_table(rows, metric)]
     lines += ["", "## Cost and other metrics", "",
               "Mean over seeds. FLOPs of one forward pass per image; train img/s over the whole training; inference "

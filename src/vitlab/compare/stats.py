@@ -1,6 +1,6 @@
 """Statistics over seeds: mean, sample std, 95% t-interval, paired t-test against the baseline
-(paired by seed; an exact sign test where every paired difference is the same), through scipy; the
-p-values of a comparison's several tests adjusted for their number through statsmodels."""
+(paired by seed; its std floored at what the metric's step allows, see :func:`paired_test`), through
+scipy; the p-values of a comparison's several tests adjusted for their number through statsmodels."""
 from __future__ import annotations
 
 import math
@@ -31,27 +31,36 @@ def mean_ci(values: List[float], level: float = 0.95) -> dict:
     return {"n": n, "mean": mean, "std": std, "ci_low": mean - half, "ci_high": mean + half}
 
 
-def paired_test(arm: Dict[int, float], base: Dict[int, float]) -> dict:
+def paired_test(arm: Dict[int, float], base: Dict[int, float], resolution: Optional[float] = None) -> dict:
     """Two-sided paired t-test over the seeds both have. ``verdict``: better / worse at p < 0.05,
     else tie; ``untested`` with fewer than 2 pairs (nothing to test).
 
-    Where every paired difference is the same (common: accuracies are whole numbers of test images,
-    so an arm one image behind on each of 3 seeds), the t statistic is infinite and scipy's p is 0,
-    which would call a one-image difference significant. There the test is the exact two-sided sign
-    test (scipy ``binomtest``) instead: the differences' signs alone, p = 2 / 2^n for n pairs all
-    on one side (0.25 for 3 seeds), so it takes 6 seeds to reach p < 0.05."""
+    ``resolution``: the metric's smallest step, 1/(test images) for an accuracy. Accuracies are whole
+    numbers of images, so the differences of 3 seeds may all be equal (an arm one image ahead on
+    each): their sample std is 0, t infinite and scipy's p 0, which would call a one-image
+    difference significant. With a resolution the std is floored at the smallest nonzero std such
+    differences can have, resolution/sqrt(n) (one of n differences one step off), so equal
+    differences are judged as the nearest spread the metric can show: +3,+3,+3 images gets a smaller
+    p than +2,+2,+3, +1,+1,+1 is a tie. Where the differences vary the floor never binds and the test
+    is scipy's ``ttest_rel`` exactly (``test`` "t"; "t, std floored" where the floor was used).
+    Without a resolution (AUROC) equal differences get the exact two-sided sign test (scipy
+    ``binomtest``): p = 2 / 2^n for n pairs all on one side."""
     seeds = sorted(set(arm) & set(base))
     if len(seeds) < 2:
         return {"pairs": len(seeds), "diff": None, "p": None, "test": None, "verdict": "untested"}
     a, b = np.array([arm[s] for s in seeds], dtype=float), np.array([base[s] for s in seeds], dtype=float)
     d = a - b
-    diff = float(d.mean())
-    if np.ptp(d) <= EQUAL:  # equal differences (to rounding): t is undefined
-        nonzero = d[np.abs(d) > EQUAL]
-        p = float(stats.binomtest(int((nonzero > 0).sum()), len(nonzero)).pvalue) if len(nonzero) else 1.0
-        test = "sign"
-    else:
+    n, diff = len(d), float(d.mean())
+    floor = resolution / math.sqrt(n) if resolution else 0.0
+    if np.ptp(d) > EQUAL and d.std(ddof=1) >= floor * (1 - 1e-6):  # (the floor itself, to rounding)
         p, test = float(stats.ttest_rel(a, b).pvalue), "t"
+    elif abs(diff) <= EQUAL:  # no difference (to rounding)
+        p, test = 1.0, "t"
+    elif floor:
+        t = diff / (max(float(d.std(ddof=1)), floor) / math.sqrt(n))
+        p, test = float(2 * stats.t.sf(abs(t), n - 1)), "t, std floored"
+    else:  # equal differences of a metric without a known step
+        p, test = float(stats.binomtest(int((d > 0).sum()), n).pvalue), "sign"
     return {"pairs": len(seeds), "diff": diff, "p": p, "test": test, "verdict": _verdict(p, diff)}
 
 
@@ -82,14 +91,15 @@ def adjust_p(rows: List[dict], correction: str = "holm") -> List[dict]:
 
 
 def summarize(groups: Dict[str, Dict[int, float]], baseline: Optional[str], metric: str = "acc1",
-              correction: str = "holm") -> List[dict]:
+              correction: str = "holm", resolution: Optional[float] = None) -> List[dict]:
     """Rows per group (arm or arm@point), ranked by mean, with intervals and the paired test against
-    ``baseline``, its p-values adjusted for their number by ``correction`` (:func:`adjust_p`)."""
+    ``baseline`` (``resolution``: the metric's step, see :func:`paired_test`), its p-values adjusted
+    for their number by ``correction`` (:func:`adjust_p`)."""
     rows = []
     for name, by_seed in groups.items():
         row = {"group": name, "metric": metric, **mean_ci(list(by_seed.values()))}
         if baseline is not None and baseline in groups and name != baseline:
-            row.update(paired_test(by_seed, groups[baseline]))
+            row.update(paired_test(by_seed, groups[baseline], resolution))
         else:
             row.update(pairs=None, diff=None, p=None, test=None, verdict="baseline" if name == baseline else "")
         rows.append(row)
