@@ -222,6 +222,16 @@ def test_the_report_takes_the_accuracy_step_from_its_runs_test_size():
     assert metric_step(runs, "acc1") is None
 
 
+def test_a_difference_over_fewer_seeds_than_the_means_says_so():
+    """Δ and p pair seeds; the means are over all of each arm's seeds. Where a seed is missing on one
+    side (a failed run), the table says how many seeds Δ pairs: 0.7800 - 0.8100 is not its +0.0100."""
+    rows = summarize({"base": {0: 0.80, 1: 0.82}, "arm": {0: 0.81, 1: 0.83, 2: 0.70}}, "base")
+    text = "\n".join(ranking_table(rows, "acc1"))
+    assert "| +0.0100 (2 paired seeds) |" in text
+    rows = summarize({"base": {0: 0.80, 1: 0.82}, "arm": {0: 0.81, 1: 0.84}}, "base")
+    assert "| +0.0150 |" in "\n".join(ranking_table(rows, "acc1"))
+
+
 def test_accuracy_is_an_exact_fraction():
     from vitlab.eval.metrics import classification_metrics
 

@@ -109,3 +109,84 @@ def test_damaged_status_of_an_unfinished_run(cmp, capsys):
     refused(["report", str(cmp)], capsys, f"{cmp / 'runs' / 'none-s0' / 'status.json'}: not valid JSON")
     (cmp / "runs" / "none-s0" / "status.json").write_text("[1]")  # the run state reads it too
     refused(["report", str(cmp)], capsys, "status.json: expected a JSON object")
+
+
+def _edit_final(cmp, run, **changes):
+    path = cmp / "runs" / run / "final.json"
+    final = json.loads(path.read_text())
+    final.update(changes)
+    path.write_text(json.dumps(final))
+    return path
+
+
+@pytest.mark.parametrize("changes,bad", [
+    ({"acc5": "0.9"}, "acc5"), ({"epochs": "1"}, "epochs"), ({"auroc_per_class": 0.5}, "auroc_per_class"),
+    ({"resolution": [{"img_size": 16}]}, "resolution"), ({"acc1": 11.3}, "acc1"),  # a percentage
+    ({"confusion": []}, "confusion"), ({"confusion": [[1, 2], [3]]}, "confusion"), ({"params": True}, "params"),
+])
+def test_malformed_final_entries_are_one_line_errors(cmp, capsys, changes, bad):
+    """Every final.json entry the report reads is checked when the runs are collected: a mistyped one
+    was a traceback from deep in a table or figure."""
+    before = report_files(cmp)
+    path = _edit_final(cmp, "none-s0", **changes)
+    refused(["report", str(cmp)], capsys, str(path), f"no valid {bad}")
+    assert report_files(cmp) == before
+
+
+def test_runs_with_other_label_sets_or_damaged_metrics_lines_are_refused(built, cmp, capsys):
+    before = report_files(cmp)
+    path = _edit_final(cmp, "rope_axial-s0", confusion=[[1, 0], [0, 1]])
+    refused(["report", str(cmp)], capsys, f"{path}: a 2-class confusion matrix, but "
+            f"{cmp / 'runs' / 'none-s0' / 'final.json'} has 4 classes")
+    shutil.copy(built[1] / "runs" / "rope_axial-s0" / "final.json", path)  # whole again
+    metrics = cmp / "runs" / "none-s0" / "metrics.jsonl"
+    metrics.write_text(metrics.read_text() + json.dumps({"epoch": 2, "loss": 0.1}) + "\n")
+    refused(["report", str(cmp)], capsys, str(metrics), "entry 2 is not an epoch's metrics")
+    assert report_files(cmp) == before
+
+
+def test_runs_without_the_metric_are_named_not_silently_dropped(cmp):
+    manifest = json.loads((cmp / "experiment.json").read_text())
+    (cmp / "experiment.json").write_text(json.dumps({**manifest, "metric": "auroc_macro"}))
+    _edit_final(cmp, "none-s0", auroc_macro=float("nan"))  # a class missing from the test set
+    assert main(["report", str(cmp)]) == 0
+    report = (cmp / "report.md").read_text()
+    assert "1 finished run has no auroc_macro (undefined) and is left out of the ranking: none-s0." in report
+
+
+def test_the_description_is_text_never_a_file_to_embed(cmp, tmp_path):
+    """report.html embeds the report's own figures only: a description shaped like an image line
+    pointing elsewhere stayed a way to mail a local file inside the report (or crashed it)."""
+    (tmp_path / "secret.txt").write_text("secret-token")
+    manifest = json.loads((cmp / "experiment.json").read_text())
+    for text in ("![x](../../secret.txt)", "![no closing bracket", "**Read** this | and that"):
+        (cmp / "experiment.json").write_text(json.dumps({**manifest, "description": text}))
+        assert main(["report", str(cmp)]) == 0
+        page = (cmp / "report.html").read_text()
+        assert page.count("<img") == len(list((cmp / "figures").iterdir())) and "c2VjcmV0" not in page
+    assert "<p><strong>Read</strong> this | and that</p>" in page
+
+
+def test_table_cells_keep_their_columns():
+    from vitlab.compare.html import to_html
+    from vitlab.compare.report import _cell
+
+    page = to_html(["| arm | reason |", "|---|:---|", f"| rope---axial | {_cell('bad | input' + chr(10) + 'x')} |"],
+                   None)
+    assert "<td class='t'>rope---axial</td><td class='t'>bad | input x</td>" in page
+
+
+@pytest.mark.parametrize("name", ["rope|axial", "a\nb", "tab\there"])
+def test_arm_names_that_would_break_a_table_row_are_refused(name):
+    from vitlab.compare.experiment import check_folder_name
+
+    with pytest.raises(ValueError, match="without /, \\\\, \\| or control characters"):
+        check_folder_name(name, "arm name")
+    check_folder_name("rope$^$x über", "arm name")  # other text is fine
+
+
+def test_figure_labels_are_text_not_tex(tmp_path):
+    from vitlab.compare import plots
+
+    plots.accuracy_vs_time({"rope$^$x": [{"seconds": 1.0, "acc1": 0.5}]}, tmp_path / "t.png")
+    assert (tmp_path / "t.png").stat().st_size > 0

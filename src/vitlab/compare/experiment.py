@@ -86,13 +86,16 @@ def _check_dotted(keys, where: str) -> None:
 
 
 def check_folder_name(name, what: str) -> None:
-    """``name`` can be one folder under the comparison directory: text, not empty, no ``/`` or ``\\``,
-    not starting with a dot (``..``, hidden files); a one-line ValueError led by ``what`` otherwise."""
+    """``name`` can be one folder under the comparison directory and one cell of the report's tables:
+    text, not empty, no ``/``, ``\\`` or ``|`` (a table's column separator), no control characters
+    (a newline would break a table row), not starting with a dot (``..``, hidden files); a one-line
+    ValueError led by ``what`` otherwise."""
     if not isinstance(name, str):
         raise ValueError(f"{what} {name!r} must be text (quote it: '{name}')")
-    if not name or name.startswith(".") or any(c in name for c in "/\\\0"):
-        raise ValueError(f"{what} {name!r} cannot be a folder name under the comparison directory: it must be "
-                         f"non-empty, without / or \\, and not start with a dot")
+    if not name or name.startswith(".") or any(c in name for c in "/\\|") or not name.isprintable():
+        raise ValueError(f"{what} {name!r} cannot be a folder name under the comparison directory and a row of its "
+                         f"report: it must be non-empty, without /, \\, | or control characters, and not "
+                         f"start with a dot")
 
 
 

@@ -16,6 +16,7 @@ def _plt():
     import matplotlib
 
     matplotlib.use("Agg")
+    matplotlib.rcParams["text.parse_math"] = False  # arm names are text: "$" is a dollar sign, not TeX
     import matplotlib.pyplot as plt
 
     return plt
@@ -46,7 +47,14 @@ def _npz(path: Path, **ndims: int) -> Optional[dict]:
 def _metrics(run: Path) -> List[dict]:
     from ..train.loop import read_metrics  # drops a torn line, as training does when it resumes
 
-    return read_metrics(run / "metrics.jsonl")
+    lines = read_metrics(run / "metrics.jsonl")
+    for i, line in enumerate(lines, 1):
+        if not (isinstance(line, dict) and all(isinstance(line.get(k), (int, float)) and not isinstance(line[k], bool)
+                                               for k in ("val_acc", "val_loss"))):
+            raise ValueError(f"{run / 'metrics.jsonl'}: entry {i} is not an epoch's metrics (no numeric val_acc and "
+                             f"val_loss); delete {run} to report without it, or to train it again with "
+                             f"`vitlab compare`")
+    return lines
 
 
 def _panels(k: int, width: float, height: float, max_cols: int = 4):

@@ -31,6 +31,49 @@ MANIFEST_ENTRIES = (("base", str, True), ("seeds", list, True), ("baseline", str
 #: the entries of a finished run's final.json every report reads, and their types
 FINAL_ENTRIES = {"acc1": (int, float), "params": int, "flops": (int, float), "seconds": (int, float),
                  "confusion": list}
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _is_fraction(v) -> bool:
+    """A metric value in [0, 1], or undefined (null / NaN: an AUROC over a class absent from the test set)."""
+    return v is None or (_is_number(v) and (math.isnan(v) or 0 <= v <= 1))
+
+
+#: final.json entries parts of the report read when present: each one's check
+FINAL_OPTIONAL = {
+    "acc5": _is_fraction, "auroc_macro": _is_fraction,
+    "epochs": _is_number, "train_images_per_s": _is_number, "infer_ms_per_batch": _is_number,
+    "test_size": lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0,
+    "resolution_images": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "model": lambda v: isinstance(v, dict),
+    "auroc_per_class": lambda v: isinstance(v, list) and all(_is_fraction(x) for x in v),
+    "resolution": lambda v: isinstance(v, list) and all(
+        isinstance(x, dict) and isinstance(x.get("img_size"), list) and x["img_size"]
+        and all(isinstance(h, int) for h in x["img_size"]) and _is_fraction(x.get("acc1")) for x in v),
+}
+
+
+def final_problems(final: dict) -> List[str]:
+    """The entries of a finished run's final.json the report cannot read: missing or mistyped required
+    ones, optional ones present but malformed, an accuracy outside [0, 1], a confusion matrix that is
+    not square."""
+    bad = [k for k, kind in FINAL_ENTRIES.items() if not isinstance(final.get(k), kind)
+           or isinstance(final.get(k), bool)]
+    if "acc1" not in bad and not (0 <= final["acc1"] <= 1):  # (NaN fails too)
+        bad.append("acc1")
+    conf = final.get("confusion")
+    if "confusion" not in bad and not (conf and all(isinstance(row, list) and len(row) == len(conf)
+                                                    and all(_is_number(x) for x in row) for row in conf)):
+        bad.append("confusion")
+    return bad + [k for k, ok in FINAL_OPTIONAL.items() if final.get(k) is not None and not ok(final[k])]
+
+
+def _cell(text) -> str:
+    """Text as one markdown table cell: ``|`` escaped, line breaks as spaces."""
+    return " ".join(str(text).split()).replace("|", "\\|")
 REWRITE = "rerun `vitlab compare` with the same experiment and --out to rewrite it"
 
 
@@ -107,7 +150,7 @@ def collect(out: Path) -> dict:
         state = run_state(run)
         if state == "finished":
             final = _read_json(run / "final.json", fix)
-            bad = [k for k, kind in FINAL_ENTRIES.items() if not isinstance(final.get(k), kind)]
+            bad = final_problems(final)
             if bad:
                 raise ValueError(f"{run / 'final.json'}: not a finished run's results (no valid {', '.join(bad)}); "
                                  f"{fix}")
@@ -116,6 +159,12 @@ def collect(out: Path) -> dict:
         else:
             status = _read_json(run / "status.json", fix) if (run / "status.json").is_file() else {}
             others.append({**r, "state": state, "reason": status.get("reason", "")})
+    other = [r for r in finished if len(r["final"]["confusion"]) != len(finished[0]["final"]["confusion"])]
+    if other:
+        first, n1, n2 = finished[0], len(finished[0]["final"]["confusion"]), len(other[0]["final"]["confusion"])
+        raise ValueError(f"{other[0]['dir'] / 'final.json'}: a {n2}-class confusion matrix, but "
+                         f"{first['dir'] / 'final.json'} has {n1} classes; the runs of one comparison share one "
+                         f"label set")
     if len({json.dumps(r["split"].get("test")) for r in finished if r["split"] is not None}) > 1:
         raise ValueError(f"{out}: the finished runs do not share one test split; a comparison needs one split")
     check_one_recipe(out, manifest, finished)
@@ -212,9 +261,23 @@ def ranking_table(rows: List[dict], metric: str) -> List[str]:
         elif verdict == "untested":
             verdict = f"untested ({r['pairs']} seed{'s' * (r['pairs'] != 1)} paired with the baseline's)"
         p = _fmt(r["p"], ".3g") + {"sign": " (sign test)", "t, std floored": " (std floored)"}.get(r.get("test"), "")
-        lines.append(f"| {i} | {r['group']} | {r['n']} | {spread} | {_fmt(r['diff'], '+.4f')} | "
+        diff = _fmt(r["diff"], "+.4f")
+        if diff and r["pairs"] is not None and (r["pairs"] != r["n"] or r["pairs"] != r.get("base_n", r["n"])):
+            diff += f" ({r['pairs']} paired seeds)"  # the means above are over all of each one's seeds
+        lines.append(f"| {i} | {r['group']} | {r['n']} | {spread} | {diff} | "
                      f"{p} | {_fmt(r['p_adj'], '.3g')} | {verdict} |")
     return lines
+
+
+def unmeasured_note(finished: List[dict], metric: str) -> str:
+    """The sentence naming finished runs whose ``metric`` is undefined (an AUROC over a class missing
+    from the test set): the ranking cannot count them, so it says which it left out."""
+    names = [r["name"] for r in finished if _metric_value(r["final"], metric) is None]
+    if not names:
+        return ""
+    return (f"{len(names)} finished run{'s' * (len(names) != 1)} ha{'ve' if len(names) != 1 else 's'} no "
+            f"{metric} (undefined) and {'are' if len(names) != 1 else 'is'} left out of the ranking: "
+            f"{', '.join(names)}. ")
 
 
 def step_note(rows: List[dict]) -> str:
@@ -306,7 +369,7 @@ def report_lines(out: Path, data: dict, stage: Path) -> List[str]:
     lines += [f"## Ranking ({METRIC_NAMES.get(metric, metric)})", "",
               f"Mean ± sample std over seeds, 95% t-interval of the mean, and a two-sided paired t-test "
               f"against the baseline arm (at the same grid point), paired by seed (scipy `ttest_rel`). "
-              f"{step_note(rows)}"
+              f"{step_note(rows)}{unmeasured_note(data['finished'], metric)}"
               f"{adjusted}: the seeds do not support ranking them.", "", *ranking_table(rows, metric)]
     lines += ["", "## Cost and other metrics", "",
               "Mean over seeds. FLOPs of one forward pass per image; train img/s over the whole training; inference "
@@ -330,7 +393,7 @@ def report_lines(out: Path, data: dict, stage: Path) -> List[str]:
     if data["others"]:
         lines += ["", "## Runs not finished", "", "Listed, never dropped: they count in no table above.", "",
                   "| run | state | reason |", "|---|---|---|"]
-        lines += [f"| {r['name']} | {r['state']} | {r['reason']} |" for r in data["others"]]
+        lines += [f"| {r['name']} | {r['state']} | {_cell(r['reason'])} |" for r in data["others"]]
     lines += auroc_table(data, order)
     lines += resolution_table(data, order)
     return lines + figures(stage, data, order)
@@ -353,7 +416,7 @@ def arms_lines(manifest: dict) -> List[str]:
     lines = ["## Arms", "", "What each arm sets on top of the base config (and the experiment's overrides); "
              "everything else is the same for every arm.", "", "| arm | sets |", "|---|---|"]
     for name, keys in arms.items():
-        sets = ", ".join(f"`{k}={v}`" for k, v in keys.items()) or "nothing (the base config)"
+        sets = _cell(", ".join(f"`{k}={v}`" for k, v in keys.items()) or "nothing (the base config)")
         lines.append(f"| {name}{' (baseline)' if name == manifest['baseline'] else ''} | {sets} |")
     more = {name: [k for k in keys if not _pe_key(k)] for name, keys in arms.items()}
     more = {name: keys for name, keys in more.items() if keys}
@@ -420,7 +483,7 @@ def auroc_table(data: dict, order: List[str]) -> List[str]:
     if len(classes) > 12:
         return []  # too wide to read; the macro AUROC is in the cost table
     lines = ["", "## Per-class AUROC (one-vs-rest, mean over seeds)", "",
-             "| arm | " + " | ".join(classes) + " |", "|---|" + "---:|" * len(classes)]
+             "| arm | " + " | ".join(_cell(c) for c in classes) + " |", "|---|" + "---:|" * len(classes)]
     for name in order:
         per = [r["final"].get("auroc_per_class") or [] for r in data["finished"] if group_name(r) == name]
         cells = []

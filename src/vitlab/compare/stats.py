@@ -99,7 +99,7 @@ def summarize(groups: Dict[str, Dict[int, float]], baseline: Optional[str], metr
     for name, by_seed in groups.items():
         row = {"group": name, "metric": metric, **mean_ci(list(by_seed.values()))}
         if baseline is not None and baseline in groups and name != baseline:
-            row.update(paired_test(by_seed, groups[baseline], resolution))
+            row.update(paired_test(by_seed, groups[baseline], resolution), base_n=len(groups[baseline]))
         else:
             row.update(pairs=None, diff=None, p=None, test=None, verdict="baseline" if name == baseline else "")
         rows.append(row)

@@ -190,6 +190,8 @@ def read_metrics(path: Path, epochs: Optional[int] = None) -> list:
                 line = json.loads(raw)
             except ValueError:
                 continue
+            if not isinstance(line, dict):  # damaged like a torn line
+                continue
             if epochs is None or line.get("epoch", 0) <= epochs:
                 lines.append(line)
     return lines
