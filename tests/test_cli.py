@@ -82,6 +82,45 @@ def test_flops_count_the_cpu_fused_attention_kernel():
     assert fused == written_out and fused - torch_alone == 2 * 4 * b * h * n * n * d
 
 
+def test_train_step_flops_are_model_flops_on_either_attention_route():
+    """torch's formula for a fused attention backward adds the scores' recomputation (hardware FLOPs);
+    the written-out route has none. A train step counts the same model FLOPs on both routes, and
+    a step is three forwards less the input gradient of the patch convolution."""
+    from vitlab.bench import step_flops
+    from vitlab.flops import flop_counter
+
+    model = vitlab.create_model(size="string-cifar", num_classes=10, depth=2)
+    x, y = torch.randn(2, 3, 32, 32), torch.tensor([1, 2])
+    fused = step_flops(model, x, y)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        written_out = step_flops(model, x, y)
+    with torch.no_grad(), flop_counter() as c:
+        model(x)
+    conv_input_grad = 2 * 2 * 64 * 192 * 3 * 4 * 4  # the patch conv's gradient wrt the image, not computed
+    assert fused == written_out == 3 * c.get_total_flops() - conv_input_grad
+
+
+@pytest.mark.parametrize("variants,words", [
+    ("rope_axial+pope", ["variant 'rope_axial+pope': two q/k PEs (rope_axial, pope); give one"]),
+    ("learned+sincos", ["two token PEs (learned, sincos)"]),
+    ("differential+eager", ["two attention kernels"]),
+    ("none,rope_axial,none", ["--variants names none more than once"]),
+    ("", ["--variants is empty"]),
+])
+def test_bench_variants_that_would_mislabel_a_row_are_refused(capsys, variants, words):
+    assert main(["bench", "--shape", "string-mnist", "--variants", variants, "--steps", "1", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and all(w in err for w in words), err
+
+
+def test_bench_table_says_what_mfu_and_none_are_relative_to(capsys):
+    assert main(["bench", "--shape", "minivit", "--variants", "none,rope_axial", "--batch", "2", "--steps", "1",
+                 "--warmup", "0", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "over the matmul peak measured above on this device, not the vendor's datasheet figure" in out
+    assert "keeps the size preset's token PE (sincos)" in out
+
+
 def test_bench_volume_shape_leaves_out_timm(capsys):
     assert main(["bench", "--shape", "volume", "--variants", "none,timm", "--steps", "1"]) == 2
     assert "timm's VisionTransformer takes 2D images" in capsys.readouterr().err

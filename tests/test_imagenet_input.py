@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from vitlab.bench import run_input_bench
+from vitlab.bench import format_input_table, run_input_bench
 from vitlab.cli import main
 from vitlab.data import load_dataset
 from vitlab.data.base import FileDataset
@@ -76,6 +76,11 @@ def test_input_bench_reports_throughput_per_worker_count(tree):
     assert [r["workers"] for r in result["rows"]] == [0, 2]
     for row in result["rows"]:
         assert row["images"] == 12 and row["img_s"] > 0 and row["first_batch_s"] > 0
+    # 2 workers deliver their first 2 batches together: the warm-up takes both; 3 timed batches are
+    # fewer than 4 per worker, so that rate is marked as overstated
+    assert [(r["warmup"], r["short_window"]) for r in result["rows"]] == [(1, False), (2, True)]
+    table = format_input_table(result)
+    assert "| 2 | 12 |" in table and " * |" in table and "fewer than 4 timed batches per worker" in table
     with pytest.raises(ValueError, match="fewer than the 1 \\+ 9 asked for"):
         run_input_bench("imagenet100-clearvit-quick", overrides, workers=[0], batches=9, warmup=1, batch=4)
 

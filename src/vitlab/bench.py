@@ -66,12 +66,13 @@ def parse_variant(spec: str) -> Variant:
             options[key] = _value(val)
         if name == "none":
             continue
-        if name in QK_PES:
-            kwargs.update(qk_pe=name, qk_pe_kwargs=options)
-        elif name in TOKEN_PES:
-            kwargs.update(token_pe=name, token_pe_kwargs=options)
-        elif name in KERNELS:
-            kwargs.update(attn=name, attn_kwargs=options)
+        kind = ("qk_pe" if name in QK_PES else "token_pe" if name in TOKEN_PES else "attn" if name in KERNELS
+                else None)
+        if kind in kwargs:
+            what = {"qk_pe": "q/k PEs", "token_pe": "token PEs", "attn": "attention kernels"}[kind]
+            raise ValueError(f"variant {spec!r}: two {what} ({kwargs[kind]}, {name}); give one")
+        if kind is not None:
+            kwargs.update({kind: name, f"{kind}_kwargs": options})
         else:
             valid = sorted(set(QK_PES.names()) | set(TOKEN_PES.names()) | set(KERNELS.names()) | {"timm"})
             raise ValueError(f"variant {spec!r}: unknown name {name!r}; valid: {', '.join(valid)}")
@@ -88,9 +89,11 @@ def build(variant: Variant, shape: dict, num_classes: int) -> torch.nn.Module:
                    mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias)
 
 
-def matmul_peak(device: torch.device, n: Optional[int] = None, reps: int = 5, dtype=torch.float32) -> float:
-    """Measured dense matmul FLOP/s on ``device`` in ``dtype``: the median over ``reps`` timings (after
-    one warm-up) of back-to-back (n x n) products between two synchronisations. CPU: n = 2048, one
+def matmul_peak(device: torch.device, n: Optional[int] = None, reps: int = 10, dtype=torch.float32) -> float:
+    """Measured dense matmul FLOP/s on ``device`` in ``dtype``: the best of ``reps`` timings (after
+    one warm-up) of back-to-back (n x n) products between two synchronisations (a peak: noise only
+    slows a timing, so the fastest is the closest to what the device sustains; a median of 5 on a
+    busy 2-core CPU read 103 to 125 GFLOP/s from one call to the next). CPU: n = 2048, one
     product per timing. CUDA: n = 8192 and 10 products per timing, so that a timing is milliseconds
     of tensor-core work rather than kernel-launch latency (fp32 follows torch's TF32 setting, as the
     models' matmuls do)."""
@@ -106,7 +109,7 @@ def matmul_peak(device: torch.device, n: Optional[int] = None, reps: int = 5, dt
             a @ b
         _sync(device)
         times.append(time.perf_counter() - t)
-    return 2 * n ** 3 * inner / statistics.median(times[1:])
+    return 2 * n ** 3 * inner / min(times[1:])
 
 
 def bench_device(device: str) -> torch.device:
@@ -245,7 +248,12 @@ def run_bench(shape: str = "string-cifar", variants: Optional[List[str]] = None,
     size = SIZES[shape]
     cfg = make_config(**size, num_classes=num_classes)
     volumes = len(cfg.img_size) == 3  # timm's VisionTransformer takes images only
+    if variants is not None and not any(v.strip() for v in variants):
+        raise ValueError("--variants is empty; give comma-separated variants, e.g. none,rope_axial")
     specs = variants or [v for v in DEFAULT_VARIANTS if not (volumes and v == "timm")]
+    repeated = sorted({v for v in specs if specs.count(v) > 1})
+    if repeated:
+        raise ValueError(f"--variants names {', '.join(repeated)} more than once; give each once")
     if volumes and "timm" in specs:
         raise ValueError(f"variant 'timm': timm's VisionTransformer takes 2D images, and shape {shape!r} is 3D "
                          f"volumes; leave it out of --variants")
@@ -358,6 +366,7 @@ def run_bench(shape: str = "string-cifar", variants: Optional[List[str]] = None,
         "dtype": "float32" if precision == "fp32" else "bf16 autocast",
         "compile": compile_backend if compile else None,
         "machine": _machine(dev), "matmul_peak_gflops": peak / 1e9, "rows": rows,
+        "baseline_token_pe": None if cfg.token_pe == "none" else cfg.token_pe,
     }
 
 
@@ -408,6 +417,16 @@ def format_table(result: dict) -> str:
                  f"({where}, torch {m['torch']}); "
                  f"medians of {result['steps']} interleaved rounds after {result['warmup']} warm-up; "
                  f"matmul peak ({'bf16' if 'bf16' in result['dtype'] else 'fp32'}) {result['matmul_peak_gflops']:.1f} GFLOP/s")
+    lines.append("")
+    lines.append("MFU: model FLOPs of a train step (forward, backward without recomputation, fused AdamW not "
+                 "counted) per second, over the matmul peak measured above on this device, not the vendor's "
+                 "datasheet figure"
+                 + ("; above 100%: the model's own matmuls ran faster than the peak's n x n products here"
+                    if any((r.get("mfu") or 0) > 1 for r in result["rows"]) else "") + ".")
+    base = result.get("baseline_token_pe")
+    if base:
+        lines.append(f"On this shape every variant keeps the size preset's token PE ({base}) unless it names "
+                     f"another: `none` is that model without a q/k PE, and x none is relative to it.")
     return "\n".join(lines)
 
 
@@ -419,7 +438,8 @@ def run_input_bench(config: str, overrides: Optional[List[str]] = None, workers:
     """Throughput of a run config's input pipeline: its training pool, read by the feed training
     uses (in memory; or, for a streamed folder, decoded, resized and cropped by ``w`` DataLoader
     worker processes, for each ``w`` of ``workers``), then the run's batched augmentation on the
-    run's device, over ``batches`` batches after ``warmup`` ones, in a seeded random order.
+    run's device, over ``batches`` batches after ``warmup`` ones (at least one per worker: workers
+    start together), in a seeded random order.
 
     Per worker count: images timed, the first batch's latency (worker start-up included), the time
     spent waiting for batches and augmenting them, and images/s over both. The model-size resize
@@ -448,13 +468,22 @@ def run_input_bench(config: str, overrides: Optional[List[str]] = None, workers:
     ds = bundle.train
     streamed = isinstance(ds, FileDataset)
     bs = batch or t.batch_size
-    need = (batches + warmup) * bs
+    counts = (workers if workers is not None else sorted({0, d.workers})) if streamed else [None]
+    # w workers start together, so their first w batches arrive at once: the warm-up takes at least
+    # those, or the timed window would start on a queue filled in parallel and overstate img/s
+    warm = {w: max(warmup, w or 0) for w in counts}
+    need = (batches + max(warm.values())) * bs
     if len(ds) < need:
         raise ValueError(f"{len(ds)} training images hold {len(ds) // bs} batches of {bs}, fewer than the "
-                         f"{warmup} + {batches} asked for: lower --warmup, --steps or --batch")
+                         f"{max(warm.values())} + {batches} asked for (warm-up at least one batch per worker): lower "
+                         f"--warmup, --steps, --batch or --workers")
     log(f"{'listed' if streamed else 'loaded'} {len(ds)} training images in {load_s:.1f}s")
     order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:need]
-    counts = (workers if workers is not None else sorted({0, d.workers})) if streamed else [None]
+    short = [w for w in counts if w and batches < 4 * w]
+    if short:
+        log(f"note: {batches} timed batches are fewer than 4 per worker for --workers {','.join(map(str, short))}: "
+            f"those rates lean on batches the workers decoded at once and overstate; --steps {4 * max(short)} or "
+            f"more times them fairly")
     if workers is not None and not streamed:
         log(f"note: --workers {','.join(map(str, workers))} does not apply: the data is held in memory (no "
             f"DataLoader workers); data.options.stream=true decodes a folder with workers")
@@ -470,7 +499,7 @@ def run_input_bench(config: str, overrides: Optional[List[str]] = None, workers:
         wait = aug = 0.0
         n, first = 0, None
         start = time.perf_counter()
-        for i in range(warmup + batches):
+        for i in range(warm[w] + batches):
             a = time.perf_counter()
             x, y = next(it)
             _sync(device)
@@ -480,11 +509,11 @@ def run_input_bench(config: str, overrides: Optional[List[str]] = None, workers:
             c = time.perf_counter()
             if first is None:
                 first = c - start
-            if i >= warmup:
+            if i >= warm[w]:
                 wait, aug, n = wait + b - a, aug + c - b, n + x.shape[0]
         it.close()  # stops the DataLoader's workers
-        rows.append({"workers": w, "images": n, "first_batch_s": first, "loader_s": wait, "augment_s": aug,
-                     "img_s": n / (wait + aug)})
+        rows.append({"workers": w, "images": n, "warmup": warm[w], "first_batch_s": first, "loader_s": wait,
+                     "augment_s": aug, "img_s": n / (wait + aug), "short_window": w in short})
         log(f"workers {'in memory' if w is None else w}: {n / (wait + aug):.0f} img/s")
     aug_keys = {k: getattr(d, k) for k in ("hflip", "crop_pad", "auto_augment", "affine_degrees", "mixup", "cutmix",
                                            "random_erasing")}
@@ -503,7 +532,7 @@ def format_input_table(result: dict) -> str:
     for r in result["rows"]:
         w = "in memory" if r["workers"] is None else r["workers"]
         lines.append(f"| {w} | {r['images']:,} | {r['first_batch_s']:.2f} | {r['loader_s']:.2f} | "
-                     f"{r['augment_s']:.2f} | {r['img_s']:,.0f} |")
+                     f"{r['augment_s']:.2f} | {r['img_s']:,.0f}{' *' if r.get('short_window') else ''} |")
     m = result["machine"]
     where = m.get("gpu") or f"{m.get('cpu', m['processor'])}, {m['threads']} threads"
     aug = ", ".join(f"{k}={v}" for k, v in result["augment"].items()) or "none"
@@ -513,6 +542,10 @@ def format_input_table(result: dict) -> str:
                  f"training images, {result['classes']} classes, items {tuple(result['item_shape'])}, "
                  f"{'decoded by DataLoader workers' if result['streamed'] else 'held in memory'} "
                  f"({'listed and checked' if result['streamed'] else 'loaded'} in {result['load_s']:.1f} s); batch "
-                 f"{result['batch']}, {result['batches']} batches timed after {result['warmup']} warm-up, seeded random "
-                 f"order; augmentation ({aug}) on {result['device']} ({where}, torch {m['torch']})")
+                 f"{result['batch']}, {result['batches']} batches timed after {result['warmup']} warm-up (at least one "
+                 f"per worker), seeded random order; augmentation ({aug}) on {result['device']} ({where}, torch "
+                 f"{m['torch']})")
+    if any(r.get("short_window") for r in result["rows"]):
+        lines.append("* fewer than 4 timed batches per worker: the rate leans on batches the workers decoded at "
+                     "once, and overstates; time more batches (--steps)")
     return "\n".join(lines)

@@ -82,12 +82,13 @@ def cmd_bench(args) -> int:
     if args.input or args.overrides:
         if not args.input:
             raise ValueError(f"overrides {args.overrides} need --input PRESET_OR_YAML (the input-pipeline bench)")
-        model_only = [flag for flag, given in (("--variants", args.variants), ("--compile", args.compile),
+        model_only = [flag for flag, given in (("--variants", args.variants is not None), ("--compile", args.compile),
                                                ("--device", args.device != "cpu"), ("--shape", args.shape != "string-cifar"),
                                                ("--precision", args.precision != "auto")) if given]
-        if model_only:  # the input bench decodes and augments on this machine's CPU; it times no model
+        if model_only:  # the input bench times no model; it decodes on the CPU and augments on train.device
             raise ValueError(f"{', '.join(model_only)}: options of the model bench, not of --input (the input "
-                             f"pipeline's bench takes --workers, --batch, --steps, --warmup)")
+                             f"pipeline's bench takes --workers, --batch, --steps, --warmup, and augments on the "
+                             f"config's train.device: override it, e.g. train.device=cpu)")
         try:
             workers = [int(w) for w in args.workers.split(",")] if args.workers else None
         except ValueError:
@@ -99,7 +100,7 @@ def cmd_bench(args) -> int:
         return 0
     if args.workers:
         raise ValueError("--workers is an option of the input-pipeline bench: give --input PRESET_OR_YAML too")
-    variants = args.variants.split(",") if args.variants else None
+    variants = args.variants.split(",") if args.variants is not None else None  # "" is an error, not the default
     batch = 128 if args.batch is None else args.batch  # --batch 0 is an error, not the default
     result = run_bench(shape=args.shape, variants=variants, batch=batch, steps=args.steps,
                        warmup=args.warmup, device=args.device, seed=args.seed, precision=args.precision,
