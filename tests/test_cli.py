@@ -150,3 +150,16 @@ def test_bench_table_shows_step_memory_only_where_measured():
     col = header.split(" | ").index("step MiB")
     assert none.split(" | ")[col] == "1,234" and pope.split(" | ")[col] == "2,048"
     assert len(rule.split("|")) == len(header.split("|"))
+
+
+def test_compare_with_only_overrides_runs_the_default_study(capsys, tmp_path, monkeypatch):
+    """`vitlab compare train.epochs=1`: no study named, so the default one with that override (it was
+    "experiment file not found: train.epochs=1"); and validate's usage names only what is required."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["compare", "train.epochs=1", "--dry-run"]) == 0
+    assert "dry run, nothing trained or written: 24 to run" in capsys.readouterr().out
+    assert main(["compare", "train.epochs=0", "--dry-run"]) == 2  # the override is applied, and checked
+    assert "train.epochs" in capsys.readouterr().err and not (tmp_path / "runs").exists()
+    with pytest.raises(SystemExit):
+        main(["validate"])
+    assert "required: config (" in capsys.readouterr().err

@@ -236,7 +236,7 @@ def test_a_second_comparison_into_the_same_out_is_refused(tmp_path):
         fcntl.flock(held, fcntl.LOCK_EX)
         held.write("pid 123 on somehost\n")
         held.flush()
-        with pytest.raises(ValueError, match=r"another vitlab compare \(pid 123 on somehost\) is running into"):
+        with pytest.raises(ValueError, match=r"another vitlab compare \(pid 123 on somehost\) is running in"):
             run_compare(load_experiment(str(exp_file)), out, log=lambda m: None)
         assert not (out / "runs").exists()
 

@@ -32,6 +32,10 @@ def test_overrides_nest_and_parse_types():
     (["nosection=1"], ["section.key=value"]),
     (["data.limit=-5"], ["data.limit"]),
     (["train.precision=fp8"], ["train.precision"]),
+    # vitlab's ViT takes no weights: accepted, the key was recorded in config.yaml and ignored
+    (["model.pretrained=/weights.pt"], ["model.pretrained='/weights.pt' applies to timm models"]),
+    # settings that validated, then failed or misled only once training ran
+    (["data.split=pooled", "data.val_fraction=0.6", "data.test_fraction=0.6"], ["leaves nothing to train on"]),
     # the data source and its option names are checked here too, so `vitlab validate` and a comparison's
     # up-front check catch them before any run starts
     (["data.name=fashion_mnist"], ["data.name", "'fashion_mnist'", "fashion-mnist"]),
@@ -101,3 +105,29 @@ def test_another_data_source_does_not_inherit_the_base_options():
     assert cfg.data.options == {"img_size": [16, 16, 16]}
     same = load_config("volume-3d-quick", ["data.options.per_class=5"])
     assert same.data.name == "mricron-brain" and set(same.data.options) == {"patch", "per_class"}
+
+
+def test_a_relative_base_is_read_beside_the_file_that_names_it(tmp_path, monkeypatch):
+    """`base: syn.yaml` in sub/child.yaml is sub/syn.yaml, from whatever directory the command runs:
+    it was read from the current directory (a wrong config silently, or file not found)."""
+    from vitlab.compare import load_experiment
+    from vitlab.config import load_config
+
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "syn.yaml").write_text("base: fashion-mnist-quick\nmodel: {dim: 32}\n")  # the decoy
+    (tmp_path / "sub" / "syn.yaml").write_text("base: fashion-mnist-quick\nmodel: {dim: 64}\n")
+    (tmp_path / "sub" / "child.yaml").write_text("base: syn.yaml\ntrain: {epochs: 2}\n")
+    (tmp_path / "sub" / "exp.yaml").write_text("base: syn.yaml\narms: {a: {}}\n")
+    for cwd in (tmp_path, tmp_path / "sub", tmp_path.parent):
+        monkeypatch.chdir(cwd)
+        cfg = load_config(str(tmp_path / "sub" / "child.yaml"))
+        assert cfg.model["dim"] == 64 and cfg.train.epochs == 2
+        assert load_experiment(str(tmp_path / "sub" / "exp.yaml")).runs()[0].config.model["dim"] == 64
+    monkeypatch.chdir(tmp_path)
+    assert load_config("sub/child.yaml").model["dim"] == 64
+
+
+def test_an_empty_config_file_says_so(tmp_path):
+    (tmp_path / "empty.yaml").write_text("# nothing yet\n")
+    with pytest.raises(ValueError, match="empty.yaml: an empty config; give `base: PRESET`"):
+        load_config(str(tmp_path / "empty.yaml"))

@@ -119,7 +119,7 @@ def test_two_nodes_joined_by_a_c10d_rendezvous_train_the_same_run(runs, tmp_path
 
 def test_only_rank_zero_writes(runs):
     names = sorted(p.name for p in (runs / "two").iterdir())
-    assert names == ["attention.npz", "checkpoints", "config.yaml", "env.json", "final.json", "metrics.jsonl",
+    assert names == [".lock", "attention.npz", "checkpoints", "config.yaml", "env.json", "final.json", "metrics.jsonl",
                      "predictions.npz", "split.json", "status.json"]
     assert len((runs / "two/metrics.jsonl").read_text().splitlines()) == 2  # not one line per rank
     assert json.loads((runs / "two/env.json").read_text())["world_size"] == 2

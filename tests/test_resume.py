@@ -150,6 +150,30 @@ def test_divergence_after_good_epochs_keeps_the_last_good_checkpoint(tmp_path, c
     assert [m["epoch"] for m in read_metrics(run / "metrics.jsonl")] == [1]
 
 
+def test_weights_broken_by_an_epochs_last_steps_count_as_divergence(tmp_path, capsys, monkeypatch):
+    """The batch losses of epoch 2 were finite but its last step left the weights NaN: validation's
+    logits are not finite. That stopped the run as failed with scikit-learn's "Input contains NaN"
+    and no final.json; it is a divergence, and the best epoch is evaluated as for a diverged loss."""
+    import vitlab.train.loop as loop
+    calls = {"n": 0}
+    real = loop.predict
+
+    def broken_after_epoch_1(*args, **kwargs):
+        calls["n"] += 1
+        logits = real(*args, **kwargs)
+        return logits * float("nan") if calls["n"] == 2 else logits  # epoch 2's validation
+
+    monkeypatch.setattr(loop, "predict", broken_after_epoch_1)
+    run = tmp_path / "run"
+    code = main(["train", "fashion-mnist-quick", *SMALL, "train.epochs=3", "data.options.n_train=256",
+                 "--out", str(run), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "diverged: validation logits not finite after epoch 2" in err and err.count("\n") == 1, err
+    final = json.loads((run / "final.json").read_text())
+    assert final["status"] == "diverged" and final["best_epoch"] == 1 and 0 <= final["acc1"] <= 1
+    assert [m["epoch"] for m in read_metrics(run / "metrics.jsonl")] == [1]
+
+
 def test_exploding_loss_counts_as_divergence(tmp_path):
     """A finite loss above train.diverge_loss stops the run too (here the bound is below chance level,
     so the first step trips it and nothing can be evaluated)."""
@@ -195,3 +219,30 @@ def test_an_atomic_write_flushes_the_file_and_then_its_folder(tmp_path, monkeypa
     monkeypatch.setattr(rundir.os, "fsync", lambda fd: synced.append(stat.S_ISDIR(os.fstat(fd).st_mode)) or real(fd))
     rundir.atomic_write_text(tmp_path / "status.json", "{}")
     assert synced == [False, True] and (tmp_path / "status.json").read_text() == "{}"
+
+
+def test_a_run_being_trained_is_not_trained_again_alongside(tmp_path, capsys):
+    """`--resume` of a run still going (or `--force` over it) started a second trainer on the same
+    directory: both finished, leaving 57 interleaved lines in a 30-epoch run's metrics.jsonl. The
+    running trainer holds RUN/.lock; the second is refused in one line and marks nothing failed."""
+    import fcntl
+
+    from vitlab import rundir
+    from vitlab.config import dump_yaml, load_config
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text(dump_yaml(load_config("fashion-mnist-quick", [])))
+    (run / "checkpoints" / "last.pt").write_bytes(b"a checkpoint")
+    rundir.set_status(run, "running")
+    with open(run / ".lock", "a+") as held:  # what the running `vitlab train` holds
+        fcntl.flock(held, fcntl.LOCK_EX)
+        held.write("pid 123 on somehost\n")
+        held.flush()
+        for argv in (["train", "--resume", str(run)], ["train", "fashion-mnist-quick", "--out", str(run), "--force"]):
+            assert main(argv) == 2
+            err = capsys.readouterr().err
+            assert err == (f"vitlab: error: another vitlab train (pid 123 on somehost) is running in {run}; wait for "
+                           f"it to end (or stop it), or give another --out\n")
+            assert rundir.read_json(run / "status.json")["status"] == "running"
+    assert (run / "checkpoints" / "last.pt").read_bytes() == b"a checkpoint"

@@ -3,6 +3,7 @@ run directory contents, resume, eval at another resolution, the recipe's parts."
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -129,8 +130,12 @@ def test_cli_train_eval_other_resolution_and_resume(tmp_path, capsys):
     assert main(["train", "fashion-mnist-quick", *SYN, "model.dim=64", "--out", str(out), "--quiet"]) == 2
     assert "unfinished run (interrupted)" in capsys.readouterr().err
     assert {p: p.read_bytes() for p in kept} == kept
-    assert main(["train", "fashion-mnist-quick", *SYN, "--out", str(out), "--quiet", "--force"]) == 0
+    assert (out / "predictions.npz").is_file() and (out / "attention.npz").is_file()
+    # --force starts over: a new run that writes no predictions or attention maps leaves none of the old
+    assert main(["train", "fashion-mnist-quick", *SYN, "eval.predictions=false", "eval.attention_images=0",
+                 "--out", str(out), "--quiet", "--force"]) == 0
     assert json.loads((out / "status.json").read_text())["status"] == "finished"
+    assert not (out / "predictions.npz").exists() and not (out / "attention.npz").exists()
 
 
 def test_recipe_parts():
@@ -338,3 +343,54 @@ def test_rank_seeds_do_not_collide_with_other_seeds():
     seeds = {(s, r): rank_seed(s, r) for s in range(50) for r in range(8)}
     assert all(rank_seed(s, 0) == s for s in range(50))
     assert len(set(seeds.values())) == len(seeds) and all(0 <= v < 2**63 for v in seeds.values())
+
+
+def test_top_k_ties_and_undefined_metrics():
+    """Tied logits (bf16 makes them common) rank the lower class first, as argmax does, for acc1, acc5
+    and the confusion matrix alike; acc5 of 5 classes or fewer is None (every label is in the top 5);
+    with non-finite logits the AUROCs are None rather than scikit-learn's error."""
+    from sklearn.metrics import top_k_accuracy_score
+
+    from vitlab.eval.metrics import classification_metrics
+
+    tied = torch.zeros(4, 8)
+    labels = torch.tensor([0, 4, 5, 7])
+    m = classification_metrics(tied, labels, 8)
+    assert m["acc1"] == 0.25 and m["acc5"] == 0.5 and [row[0] for row in m["confusion"]] == [1, 0, 0, 0, 1, 1, 0, 1]
+    gen = torch.Generator().manual_seed(0)
+    logits, labels = torch.randn(200, 10, generator=gen), torch.randint(0, 10, (200,), generator=gen)
+    m = classification_metrics(logits, labels, 10)
+    assert m["acc5"] == top_k_accuracy_score(labels.numpy(), logits.numpy(), k=5, labels=list(range(10)))
+    assert classification_metrics(logits[:, :4], labels % 4, 4)["acc5"] is None
+    broken = logits.clone()
+    broken[0, 0] = float("nan")
+    assert classification_metrics(broken, labels, 10)["auroc_per_class"] == [None] * 10
+
+
+@pytest.mark.parametrize("pool,num_cls,registers", [("cls", 1, 2), ("mean", 0, 2), ("mean", 0, 0)])
+def test_attention_summary_is_the_row_the_classifier_reads(pool, num_cls, registers):
+    """With registers and no CLS token (pool=mean) the summary was register 0's row."""
+    import vitlab
+    from vitlab.eval.probes import attention_summary
+
+    model = vitlab.create_model(img_size=16, patch_size=4, in_chans=1, num_classes=3, dim=32, depth=1, heads=2,
+                                pool=pool, num_cls=num_cls, num_registers=registers).eval()
+    x = torch.randn(2, 1, 16, 16)
+    maps = vitlab.attention_maps(model, x)[-1].float().mean(1)
+    p = num_cls + registers
+    want = maps[:, 0, p:] if pool == "cls" else maps[:, p:, p:].mean(1)
+    got = attention_summary(model, x)
+    assert got.shape == (2, 4, 4) and np.allclose(got.reshape(2, -1), want.numpy(), atol=1e-6)
+    if pool == "cls":
+        assert np.allclose(got.reshape(2, -1).sum(1), maps[:, 0, p:].sum(1).numpy(), atol=1e-6)
+
+
+def test_a_warmup_longer_than_the_run_is_said(tmp_path):
+    """A short run of a long preset (train.epochs=2 of a 5-epoch warm-up) never reaches its lr: allowed
+    (a smoke test), but said."""
+    from vitlab.train import train_run
+
+    with pytest.warns(UserWarning, match="train.warmup_epochs=3 is longer than train.epochs=1: the learning rate "
+                                         "never reaches train.lr=0.003"):
+        train_run(load_config("fashion-mnist-quick", SYN + ["train.epochs=1", "train.warmup_epochs=3"]),
+                  tmp_path / "r", progress=False)

@@ -171,6 +171,19 @@ def _refuse_existing_run(out: Path) -> None:
                          f"to start over, or another --out")
 
 
+def _run_lock(run_dir: Path):
+    """Rank 0 holds ``RUN/.lock`` while it trains: a second ``vitlab train`` on the same directory
+    (``--resume`` of a run still going, ``--force`` over it) would interleave two trainings' metrics
+    and checkpoints. The other ranks of a torchrun job write nothing and take no lock."""
+    import contextlib
+
+    from . import rundir
+
+    if not _is_main():
+        return contextlib.nullcontext()
+    return rundir.exclusive(run_dir, "vitlab train", "wait for it to end (or stop it), or give another --out")
+
+
 def cmd_train(args) -> int:
     from . import rundir
     from .config import load_config, read_yaml, validate
@@ -188,11 +201,12 @@ def cmd_train(args) -> int:
         if not (run_dir / "checkpoints" / "last.pt").is_file():
             raise FileNotFoundError(f"--resume {run_dir}: no checkpoints/last.pt to resume from")
         cfg = validate(read_yaml(str(run_dir / "config.yaml")))
-        try:
-            final = train_run(cfg, run_dir, resume=True, progress=not args.quiet)
-        except Exception as err:
-            _mark_failed(run_dir, err)
-            raise
+        with _run_lock(run_dir):
+            try:
+                final = train_run(cfg, run_dir, resume=True, progress=not args.quiet)
+            except Exception as err:
+                _mark_failed(run_dir, err)
+                raise
     else:
         if not args.config:  # None or "": an empty name would silently train the built-in defaults
             raise ValueError("give a preset or YAML file (see `vitlab train --help`), or --resume RUN_DIR")
@@ -201,18 +215,27 @@ def cmd_train(args) -> int:
         if not args.force:
             _refuse_existing_run(out)
         rundir.check_output_dir(out)  # before minutes of data loading
-        try:
-            final = train_run(cfg, out, progress=not args.quiet)
-        except Exception as err:
-            _mark_failed(out, err)
-            raise
+        with _run_lock(out):
+            if not args.force:  # (again: a run may have started between the first look and the lock)
+                _refuse_existing_run(out)
+            try:
+                final = train_run(cfg, out, progress=not args.quiet)
+            except Exception as err:
+                _mark_failed(out, err)
+                raise
         run_dir = out
     if not _is_main():  # one summary line per run, not one per torchrun process
         return 0
-    print(f"{run_dir}: test acc1 {final['acc1']:.4f}  acc5 {final['acc5']:.4f}  loss {final['loss']:.4f}  "
-          f"auroc {final['auroc_macro'] if final['auroc_macro'] is None else round(final['auroc_macro'], 4)}  "
-          f"{final['epochs']} epochs in {final['seconds']:.0f}s ({final['status']})")
+    print(f"{run_dir}: test acc1 {final['acc1']:.4f}  acc5 {_shown(final['acc5'])}  loss {final['loss']:.4f}  "
+          f"auroc {_shown(final['auroc_macro'])}  {final['epochs']} epochs in {final['seconds']:.0f}s "
+          f"({final['status']})")
     return 0
+
+
+def _shown(metric) -> str:
+    """A metric for the summary line: 4 decimals, or n/a where undefined (acc5 of 5 classes or fewer,
+    AUROC without both classes in the test set)."""
+    return "n/a" if metric is None else f"{metric:.4f}"
 
 
 def cmd_eval(args) -> int:
@@ -222,7 +245,7 @@ def cmd_eval(args) -> int:
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        print(f"{args.run_dir}: acc1 {result['acc1']:.4f}  acc5 {result['acc5']:.4f}  loss {result['loss']:.4f}  "
+        print(f"{args.run_dir}: acc1 {result['acc1']:.4f}  acc5 {_shown(result['acc5'])}  loss {result['loss']:.4f}  "
               f"(img_size {result['img_size']}, {result['test_size']} images)")
     return 0
 
@@ -241,6 +264,9 @@ def cmd_compare(args) -> int:
     from .compare.report import ranking_summary, write_report
     from .rundir import check_output_dir
 
+    if args.experiment and "=" in args.experiment and not Path(args.experiment).exists():
+        # `vitlab compare train.epochs=1`: the default study with an override, not a file of that name
+        args.overrides, args.experiment = [args.experiment, *args.overrides], None
     exp = load_experiment(args.experiment, seeds=args.seeds)
     out = Path(args.out) if args.out else Path("runs") / (Path(args.experiment).stem if args.experiment else "default-study")
     check_output_dir(out)
@@ -327,7 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("bench", help="time train steps and inference of variants, interleaved, medians; or, with "
                                      "--input, the input pipeline of a run config")
-    s.add_argument("overrides", nargs="*", help="with --input: dotted overrides of that config (data.root=...)")
+    s.add_argument("overrides", nargs="*", default=[], help="with --input: dotted overrides of that config (data.root=...)")
     s.add_argument("--input", metavar="PRESET_OR_YAML", help="time this run config's input pipeline instead: "
                    "images/s decoded + augmented, per DataLoader worker count")
     s.add_argument("--workers", help="with --input: comma-separated worker counts (default: 0 and data.workers)")
@@ -352,7 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("train", help="train one run: vitlab train PRESET_OR_YAML [section.key=value ...]")
     s.add_argument("config", nargs="?", help="a preset name from configs/ or a YAML file")
-    s.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=3e-4 model.qk_pe=rope_mixed")
+    s.add_argument("overrides", nargs="*", default=[], help="dotted overrides, e.g. train.lr=3e-4 model.qk_pe=rope_mixed")
     s.add_argument("--out", help="run directory (default runs/<preset>-<model name>-<qk_pe>-s<seed>, e.g. "
                                         "runs/fashion-mnist-quick-vit-rope_mixed-s1)")
     s.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
@@ -362,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("eval", help="re-evaluate a run's checkpoint, e.g. at another image size: vitlab eval RUN_DIR model.img_size=40")
     s.add_argument("run_dir")
-    s.add_argument("overrides", nargs="*", help="data.* keys (another split/source) and model.img_size")
+    s.add_argument("overrides", nargs="*", default=[], help="data.* keys (another split/source) and model.img_size")
     s.add_argument("--checkpoint", default="best", choices=["best", "last"])
     s.add_argument("--device", default="auto", help="auto (a GPU if there is one), cpu, cuda, cuda:N; the run's "
                                                       "precision (final.json) is used, bf16 autocast included")
@@ -373,7 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
                                        "(no argument: the default study on Fashion-MNIST)")
     s.add_argument("experiment", nargs="?", help="a study's name (`vitlab list` shows them) or an experiment YAML "
                                                  "(base, arms, grid, seeds, baseline, metric, correction)")
-    s.add_argument("overrides", nargs="*", help="dotted overrides applied to every run")
+    s.add_argument("overrides", nargs="*", default=[], help="dotted overrides applied to every run")
     s.add_argument("--out", help="comparison directory (default runs/<experiment>; runs/default-study without one)")
     s.add_argument("--jobs", type=int, default=None, help="runs at once (default 1; each gets cores/jobs threads); "
                    "with --launcher slurm: the job array's parallelism (default: the scheduler's)")
@@ -408,7 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("validate", help="check a preset or YAML (+ overrides) and print the resolved config")
     s.add_argument("config")
-    s.add_argument("overrides", nargs="*")
+    s.add_argument("overrides", nargs="*", default=[], help="dotted overrides, e.g. train.epochs=2")
     s.set_defaults(func=cmd_validate)
     return p
 

@@ -235,6 +235,15 @@ def load_yaml_file(path: Path, what: str):
         raise ValueError(f"{path}: not a UTF-8 text file ({err.reason} at byte {err.start})") from None
 
 
+def beside(ref, path: Path):
+    """A ``base:`` reference as written in the YAML file ``path``: the file it names relative to that
+    file's folder when there is one (a config next to the file that extends it, wherever the command
+    runs from), else ``ref`` as given (a preset name, or a path from the current directory)."""
+    if isinstance(ref, str) and ref and not Path(ref).is_absolute() and (Path(path).parent / ref).is_file():
+        return str(Path(path).parent / ref)
+    return ref
+
+
 def read_yaml(source: str, _chain: Tuple[str, ...] = ()) -> dict:
     """A preset name (``fashion-mnist``, ``fashion-mnist-quick``) or a path to a YAML file."""
     if not isinstance(source, (str, Path)) or not str(source):  # e.g. `base: 3` or `base: [a]` in a YAML file
@@ -253,11 +262,14 @@ def read_yaml(source: str, _chain: Tuple[str, ...] = ()) -> dict:
     if here in _chain:
         raise ValueError(f"{path}: its chain of `base:` configs leads back to itself")
     data = load_yaml_file(path, "config")
+    if data == {}:  # the built-in defaults alone are no recipe (and not a valid model for their data)
+        raise ValueError(f"{path}: an empty config; give `base: PRESET` and the keys to change (presets: "
+                         f"{', '.join(presets())}), or data/model/train sections")
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping with data/model/train sections, got {type(data).__name__}")
     base = data.pop("base", None)
     if base:  # a preset may extend another: `base: fashion-mnist`
-        data = deep_merge(read_yaml(base, (*_chain, here)), data)
+        data = deep_merge(read_yaml(beside(base, path), (*_chain, here)), data)
     return data
 
 
@@ -355,6 +367,10 @@ def validate(raw: dict) -> RunConfig:
     if cfg.train.min_lr > cfg.train.lr:
         raise ValueError(f"train.min_lr={cfg.train.min_lr} is above train.lr={cfg.train.lr}: the schedule decays "
                          f"from lr to min_lr")
+    if cfg.data.split == "pooled" and cfg.data.val_fraction + cfg.data.test_fraction >= 1:
+        raise ValueError(f"data.val_fraction + data.test_fraction = {cfg.data.val_fraction:g} + "
+                         f"{cfg.data.test_fraction:g} leaves nothing to train on (data.split=pooled); they must "
+                         f"sum below 1")
     _check_data_source(cfg.data)
     name = cfg.model.get("name", "vit")
     if name == "vit":
@@ -362,6 +378,9 @@ def validate(raw: dict) -> RunConfig:
         if unknown:
             raise ValueError(f"unknown key(s) {['model.' + k for k in unknown]}; valid: "
                              f"{', '.join('model.' + k for k in (*MODEL_EXTRA, *ModelConfig.model_fields))}")
+        if cfg.model.get("pretrained") not in (None, False):  # run directories must say how a model was trained
+            raise ValueError(f"model.pretrained={cfg.model['pretrained']!r} applies to timm models "
+                             f"(model.name=timm:NAME); vitlab's own ViT (model.name=vit) trains from scratch")
         # image size, channels and classes come from the data when not given: check the rest now,
         # with the data's image size where its source knows it from the options (as training will
         # use it), else a stand-in that any patch size divides

@@ -6,11 +6,13 @@ Every file is written to a temporary name and renamed, so a reader never sees ha
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
 import pickle
 import platform
+import socket
 import subprocess
 import sys
 import tempfile
@@ -51,6 +53,32 @@ def output_error(path: Path, err: BaseException) -> OutputError:
         return OutputError(f"cannot write {path}: the output directory {path.parent} {_WRITE_FAILURES[code]}", code)
     detail = getattr(cause, "strerror", None) or " ".join(str(err).split())[:200]
     return OutputError(f"cannot write {path}: {detail}", code)
+
+
+@contextlib.contextmanager
+def exclusive(path: Path, what: str, advice: str):
+    """Hold ``PATH/.lock`` (an exclusive ``flock``, released when the process ends, however it ends)
+    for the ``with`` block: a second process that would write the same directory (two trainers on
+    one run, two comparisons into one folder) gets a one-line ValueError saying who holds it:
+    "another ``what`` (pid N on HOST) is running in PATH; ``advice``"."""
+    import fcntl
+
+    make_dir(path)
+    with open(Path(path) / ".lock", "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            who = f.read().strip() or "another process"
+            raise ValueError(f"another {what} ({who}) is running in {path}; {advice}") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            f.truncate(0)
 
 
 def make_dir(path: Path) -> None:

@@ -115,7 +115,7 @@ def killed_run(out: Path, config: str, overrides: List[str], kills: int, wall: f
 def soak(workdir: Path, config: str, overrides: List[str], kills: int, seed: int = 0, runs: int = 1,
          log=print) -> dict:
     """Reference run, then ``runs`` killed-and-resumed runs with ``kills`` kills spread across them;
-    returns {"kills": n, "runs": r, "identical": m, "differences": {...}}."""
+    returns {"kills": n, "runs": r, "identical_runs": m, "differences": {...}}."""
     env = {**os.environ, "PYTHONHASHSEED": "0"}
     ref = workdir / "reference"
     startup = startup_seconds(env)

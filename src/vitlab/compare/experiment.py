@@ -32,7 +32,7 @@ from typing import Any, Dict, List, Optional
 
 from importlib import resources
 
-from ..config import RunConfig, deep_merge, load_yaml_file, parse_overrides, read_yaml, validate
+from ..config import RunConfig, beside, deep_merge, load_yaml_file, parse_overrides, read_yaml, validate
 from .stats import CORRECTIONS
 
 EXPERIMENT_KEYS = ("base", "overrides", "arms", "grid", "seeds", "baseline", "description", "metric",
@@ -202,6 +202,8 @@ def read_experiment(source: str) -> dict:
             raise ValueError(f"unknown study {source!r}: {path.name} has no 'quick' section; valid: "
                              f"{', '.join(studies())}")
         raw.update(section)
+    if "base" in raw:  # a config next to the experiment file, wherever the command runs from
+        raw["base"] = beside(raw["base"], path)
     return raw
 
 

@@ -557,7 +557,7 @@ def figures(root: Path, data: dict, order: List[str]) -> List[str]:
               plots.roc_curves(runs, classes, fig_dir / "roc.png")),
              ("Resolution extrapolation", plots.resolution_plot(resolution_curves(data, order),
                                                                 fig_dir / "resolution.png")),
-             ("Attention maps (last block, first seed; CLS row, mean over heads)",
+             ("Attention maps (last block, first seed, mean over heads: the CLS row, or under mean pooling the mean patch row)",
               plots.attention_grid(runs, classes, fig_dir / "attention.png")),
              ("Sweeps", plots.sweeps(sweep_series(data), data["manifest"].get("metric", "acc1"),
                                      fig_dir / "sweeps.png"))]

@@ -3,14 +3,12 @@ resume interrupted ones, so an interrupted comparison picks up where it stopped.
 from __future__ import annotations
 
 import collections
-import contextlib
 import json
 import math
 import os
 import queue
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -175,34 +173,10 @@ def run_compare(exp: Experiment, out: Path, *, extra: Optional[List[str]] = None
     # before anything is written
     cluster, specs, manifest = _prepare(exp, out, extra, launcher, cluster, wait, log, jobs, procs)
     _check_gpus_here(launcher, cluster, procs, specs)
-    with _exclusive(out):
+    # a second compare into one --out would resume or restart the runs this one is training
+    with rundir.exclusive(out, "vitlab compare", "wait for it to end, or give another --out"):
         return _run_compare(exp, out, cluster, specs, manifest, extra, jobs, retry_failed, log, launcher, wait,
                             poll_s, procs)
-
-
-@contextlib.contextmanager
-def _exclusive(out: Path):
-    """Hold ``OUT/.lock`` while this call runs: a second ``vitlab compare`` into the same ``out``
-    would resume or restart the runs this one is training (two trainers on one run directory)."""
-    import fcntl
-
-    rundir.make_dir(out)
-    with open(out / ".lock", "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            f.seek(0)
-            who = f.read().strip() or "another process"
-            raise ValueError(f"another vitlab compare ({who}) is running into {out}; wait for it to end, or give "
-                             f"another --out") from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-        f.flush()
-        try:
-            yield
-        finally:
-            f.truncate(0)
 
 
 def _run_compare(exp, out, cluster, specs, manifest, extra, jobs, retry_failed, log, launcher, wait, poll_s,

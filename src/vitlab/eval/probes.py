@@ -74,9 +74,10 @@ def pick_one_per_class(labels: torch.Tensor, k: int) -> torch.Tensor:
 
 @torch.no_grad()
 def attention_summary(model: nn.Module, x: torch.Tensor) -> Optional[np.ndarray]:
-    """(B, gh, gw) attention of the last block over the patch grid, averaged over heads: the
-    first CLS token's row when the model has prefix tokens, else the mean over all query rows
-    (the attention each patch receives). None for models without vitlab attention (timm) or 3D.
+    """(B, gh, gw) attention of the last block over the patch grid, averaged over heads: what the
+    classifier reads, the CLS token's row under ``pool=cls``, else (``pool=mean``) the mean over the
+    patch rows, the attention each patch receives from the others (register tokens are neither).
+    None for models without vitlab attention (timm) or 3D.
 
     Differential kernels give their combined map (entries may be negative; see
     :func:`vitlab.attention_maps`)."""
@@ -88,7 +89,7 @@ def attention_summary(model: nn.Module, x: torch.Tensor) -> Optional[np.ndarray]
     maps = attention_maps(model, x)
     a = maps[-1].float().mean(1)  # (B, N, N), over heads
     p = cfg.num_prefix
-    rows = a[:, 0, p:] if p else a[:, :, :].mean(1)  # (B, N_patch)
+    rows = a[:, 0, p:] if cfg.pool == "cls" else a[:, p:, p:].mean(1)  # (B, N_patch); CLS is prefix token 0
     gh, gw = (s // q for s, q in zip(x.shape[2:], cfg.patch_size))
     return rows.reshape(-1, gh, gw).cpu().numpy().astype(np.float32)
 

@@ -283,6 +283,9 @@ def train_run(cfg: RunConfig, out_dir: Path, *, resume: bool = False, progress: 
     if n_train < batch * t_cfg.accum_steps:  # a tiny training set: one smaller batch per step
         batch = max(dinfo.world, n_train // t_cfg.accum_steps // dinfo.world * dinfo.world)
         warnings.warn(f"only {n_train} training items: batch size {batch} instead of {t_cfg.batch_size}")
+    if t_cfg.warmup_epochs > t_cfg.epochs and not resume:  # a short smoke run of a long preset, typically
+        warnings.warn(f"train.warmup_epochs={t_cfg.warmup_epochs:g} is longer than train.epochs={t_cfg.epochs}: the "
+                      f"learning rate never reaches train.lr={t_cfg.lr:g} (set train.warmup_epochs lower)")
     per_step = batch * t_cfg.accum_steps
     if (d_cfg.mixup > 0 or d_cfg.cutmix > 0) and (batch // dinfo.world) % 2:  # timm pairs each image with another
         raise ValueError(f"data.mixup/data.cutmix need an even batch per process; train.batch_size={batch}"
@@ -340,7 +343,8 @@ def train_run(cfg: RunConfig, out_dir: Path, *, resume: bool = False, progress: 
         rundir.write_json(out_dir / "split.json", {**split_to_json(split), "source": bundle.source,
                                                    "classes": bundle.train.classes})
         rundir.atomic_write_text(out_dir / "metrics.jsonl", "")
-        for stale in ("final.json", "checkpoints/best.pt", "checkpoints/last.pt"):  # --force over an old run
+        for stale in ("final.json", "checkpoints/best.pt", "checkpoints/last.pt", "predictions.npz",
+                      "attention.npz"):  # --force over an old run: nothing of it may pass for this one's
             (out_dir / stale).unlink(missing_ok=True)
     if main:
         rundir.set_status(out_dir, "running")
@@ -445,9 +449,14 @@ def train_run(cfg: RunConfig, out_dir: Path, *, resume: bool = False, progress: 
             run["imgs"] += int(n_seen)
             run["data_time"] += sums["data"]
             eval_model = ema.module if ema is not None else model
-            val = classification_metrics(
-                predict(eval_model, val_feed, augment, t_cfg.eval_batch_size, autocast, dinfo), val_ds.labels,
-                num_classes)
+            val_logits = predict(eval_model, val_feed, augment, t_cfg.eval_batch_size, autocast, dinfo)
+            if not torch.isfinite(val_logits).all():  # the epoch's last steps broke the weights (every rank
+                # holds the gathered logits, so all decide alike): as a diverged loss, keep the last good epoch
+                run["reason"] = f"diverged: validation logits not finite after epoch {epoch + 1}"
+                status = "diverged"
+                bar.close(f"epoch {epoch + 1}: {run['reason']}")
+                break
+            val = classification_metrics(val_logits, val_ds.labels, num_classes)
             line = {"epoch": epoch + 1, "train_loss": loss_sum / max(1, n_seen), "val_loss": val["loss"],
                     "val_acc": val["acc1"], "lr": optimizer.param_groups[0]["lr"], "seconds": epoch_time,
                     "img_s": n_seen / max(epoch_time, 1e-9), "elapsed": run["elapsed"],
