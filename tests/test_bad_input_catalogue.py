@@ -432,7 +432,10 @@ CATALOGUE = [
     case("infinite-warmup", nothing, train("train.warmup_epochs=.inf"), "train.warmup_epochs", "finite"),
     case("infinite-mlp-ratio", nothing, train("model.mlp_ratio=.inf"), "mlp_ratio", "finite"),
     case("val-fraction-above-one", nothing, train("data.val_fraction=1.5"), "data.val_fraction", "1.5"),
-    case("options-not-a-mapping", nothing, train("data.options=5"), "data.options", "dictionary"),
+    case("options-not-a-mapping", nothing, ["validate", "fashion-mnist-quick", "data.options=5"], "data.options",
+         "dictionary"),
+    # TINY sets data.options.* keys: replacing the mapping after them is a conflict, as the other order is
+    case("options-replaced-after-its-keys", nothing, train("data.options=5"), "'data.options=5' conflicts"),
     case("unknown-qk-pe", nothing, train("model.qk_pe=ropee"), "'ropee'", "rope_axial"),
     case("unknown-kernel", nothing, train("model.attn=flash"), "'flash'", "differential"),
     case("unknown-model-name", nothing, train("model.name=vitt"), "model.name='vitt'", "timm:"),

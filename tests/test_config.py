@@ -36,6 +36,10 @@ def test_overrides_nest_and_parse_types():
     (["model.pretrained=/weights.pt"], ["model.pretrained='/weights.pt' applies to timm models"]),
     # settings that validated, then failed or misled only once training ran
     (["data.split=pooled", "data.val_fraction=0.6", "data.test_fraction=0.6"], ["leaves nothing to train on"]),
+    # true/false is not a number (pydantic's lax mode read true as 1: one epoch, one block)
+    (["train.epochs=true"], ["train.epochs: expected a number, not true/false"]),
+    (["model.depth=true"], ["depth: expected a number, not true/false"]),
+    (["data.val_fraction=false"], ["data.val_fraction"]),
     # the data source and its option names are checked here too, so `vitlab validate` and a comparison's
     # up-front check catch them before any run starts
     (["data.name=fashion_mnist"], ["data.name", "'fashion_mnist'", "fashion-mnist"]),
@@ -131,3 +135,11 @@ def test_an_empty_config_file_says_so(tmp_path):
     (tmp_path / "empty.yaml").write_text("# nothing yet\n")
     with pytest.raises(ValueError, match="empty.yaml: an empty config; give `base: PRESET`"):
         load_config(str(tmp_path / "empty.yaml"))
+
+
+def test_override_quoting_and_conflicts_in_either_order():
+    assert parse_overrides(['data.root="2024"']) == {"data": {"root": "2024"}}  # quoted: text
+    assert parse_overrides(["train.lr=3e-4"]) == {"train": {"lr": 3e-4}}  # unquoted: a number
+    for items in (["train.lr.x=2", "train.lr=1"], ["train.lr=1", "train.lr.x=2"]):
+        with pytest.raises(ValueError, match="conflicts with another override"):
+            parse_overrides(items)

@@ -16,13 +16,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .models import SIZES, ModelConfig, make_config
-from .models.config import one_line_error
+from .models.config import NumbersNotBools, one_line_error
 
 PRESET_DIR = Path(str(resources.files("vitlab") / "configs"))
 MAX_SEED = 2**63 - 1  # torch.manual_seed's range (a larger one fails deep in a run)
 
 
-class DataSection(BaseModel):
+class DataSection(NumbersNotBools):
     # allow_inf_nan=False: a bound like ge=0 lets inf through, which crashes or poisons training later
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
@@ -78,7 +78,7 @@ class DataSection(BaseModel):
         return opts
 
 
-class TrainSection(BaseModel):
+class TrainSection(NumbersNotBools):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # as DataSection
 
     epochs: int = Field(10, ge=1)
@@ -109,7 +109,7 @@ class TrainSection(BaseModel):
                                           "this (None = 10 x ln(classes), ten times chance level)")
 
 
-class EvalSection(BaseModel):
+class EvalSection(NumbersNotBools):
     """What a run measures on its test set after training, besides final.json's metrics: the
     inputs of the comparison report's ROC curves, resolution-extrapolation curves and attention maps."""
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -164,7 +164,8 @@ def parse_overrides(items: List[str]) -> Dict[str, Any]:
             value = yaml.safe_load(raw) if raw != "" else None
         except yaml.YAMLError:
             value = raw
-        if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+        if isinstance(value, str) and not raw.lstrip().startswith(("'", '"')):  # YAML 1.1 reads 3e-4 as a string;
+            # a quoted value ('"2024"', a folder named 2024) stays text
             try:
                 value = float(value)
             except ValueError:
@@ -175,6 +176,8 @@ def parse_overrides(items: List[str]) -> Dict[str, Any]:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise ValueError(f"override {item!r} conflicts with another override of {p!r}")
+        if isinstance(node.get(parts[-1]), dict) and not isinstance(value, dict):  # (train.lr.x=2 train.lr=1)
+            raise ValueError(f"override {item!r} conflicts with another override of keys under {key!r}")
         node[parts[-1]] = value
     return out
 

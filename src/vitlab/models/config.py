@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import math
-from typing import Literal, Tuple, Union
+from typing import Literal, Tuple, Union, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from .kernels import KERNELS
 from .qk_base import QK_PES
@@ -14,7 +14,23 @@ from .token_pe import TOKEN_PES
 Size = Union[int, Tuple[int, int], Tuple[int, int, int]]
 
 
-class ModelConfig(BaseModel):
+class NumbersNotBools(BaseModel):
+    """A config section whose number fields refuse true/false: pydantic's lax mode reads ``true`` as 1,
+    so ``train.epochs=true`` trained one epoch and ``model.depth=true`` one block, with config.yaml
+    still saying ``true``."""
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _not_a_bool(cls, value, info: ValidationInfo):
+        if isinstance(value, bool):
+            kinds = get_args(cls.model_fields[info.field_name].annotation) or (
+                cls.model_fields[info.field_name].annotation,)
+            if bool not in kinds and (int in kinds or float in kinds):
+                raise ValueError("expected a number, not true/false")
+        return value
+
+
+class ModelConfig(NumbersNotBools):
     """Every field of the ``vit`` backbone. ``img_size``/``patch_size`` are normalised to tuples of
     the model's dimensionality: (H, W) for images, (H, W, D) for volumes."""
 
