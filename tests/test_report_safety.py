@@ -174,6 +174,8 @@ def test_table_cells_keep_their_columns():
     page = to_html(["| arm | reason |", "|---|:---|", f"| rope---axial | {_cell('bad | input' + chr(10) + 'x')} |"],
                    None)
     assert "<td class='t'>rope---axial</td><td class='t'>bad | input x</td>" in page
+    page = to_html(["| arm | sets |", "|---|---|", "| a <b> | `model.qk_pe=pope` |"], None)
+    assert "<td class='t'>a &lt;b&gt;</td><td class='t'><code>model.qk_pe=pope</code></td>" in page
 
 
 @pytest.mark.parametrize("name", ["rope|axial", "a\nb", "tab\there"])

@@ -21,12 +21,12 @@ def to_html(lines: List[str], out: Path) -> str:
 
     body, table = [], []
 
-    def cell(c: str) -> str:
-        return f"<td>{html.escape(c)}</td>" if _NUMBER.match(c) or not c else f"<td class='t'>{html.escape(c)}</td>"
-
     def inline(text: str) -> str:
         text = re.sub(r"`([^`]*)`", r"<code>\1</code>", html.escape(text))
         return re.sub(r"\*\*([^*]+)\*\*", r"<strong>\1</strong>", text)
+
+    def cell(c: str) -> str:
+        return f"<td>{html.escape(c)}</td>" if _NUMBER.match(c) or not c else f"<td class='t'>{inline(c)}</td>"
 
     def flush_table():
         if not table:
