@@ -418,7 +418,7 @@ def format_table(result: dict) -> str:
                  f"medians of {result['steps']} interleaved rounds after {result['warmup']} warm-up; "
                  f"matmul peak ({'bf16' if 'bf16' in result['dtype'] else 'fp32'}) {result['matmul_peak_gflops']:.1f} GFLOP/s")
     lines.append("")
-    lines.append("MFU: model FLOPs of a train step (forward, backward without recomputation, fused AdamW not "
+    lines.append("MFU: model FLOPs of a train step (forward, backward without recomputation; the AdamW step not "
                  "counted) per second, over the matmul peak measured above on this device, not the vendor's "
                  "datasheet figure"
                  + ("; above 100%: the model's own matmuls ran faster than the peak's n x n products here"

@@ -74,6 +74,8 @@ def final_problems(final: dict) -> List[str]:
 def _cell(text) -> str:
     """Text as one markdown table cell: ``|`` escaped, line breaks as spaces."""
     return " ".join(str(text).split()).replace("|", "\\|")
+
+
 REWRITE = "rerun `vitlab compare` with the same experiment and --out to rewrite it"
 
 
