@@ -36,6 +36,10 @@ def test_overrides_nest_and_parse_types():
     (["model.pretrained=/weights.pt"], ["model.pretrained='/weights.pt' applies to timm models"]),
     # settings that validated, then failed or misled only once training ran
     (["data.split=pooled", "data.val_fraction=0.6", "data.test_fraction=0.6"], ["leaves nothing to train on"]),
+    # a timm model is built on the meta device: keys it does not take, a q/k PE for a model that is no ViT
+    (["model.name=timm:resnet18", "model.depth=3"], ["timm model 'resnet18' does not take ['depth']"]),
+    (["model.name=timm:resnet18", "model.qk_pe=pope"], ["model.qk_pe needs a timm VisionTransformer"]),
+    (["model.name=timm:vit_tiny_patch16_224", "model.attn=differential"], ["heads=3 is odd"]),
     # true/false is not a number (pydantic's lax mode read true as 1: one epoch, one block)
     (["train.epochs=true"], ["train.epochs: expected a number, not true/false"]),
     (["model.depth=true"], ["depth: expected a number, not true/false"]),
@@ -143,3 +147,9 @@ def test_override_quoting_and_conflicts_in_either_order():
     for items in (["train.lr.x=2", "train.lr=1"], ["train.lr=1", "train.lr.x=2"]):
         with pytest.raises(ValueError, match="conflicts with another override"):
             parse_overrides(items)
+
+
+def test_a_timm_vit_with_a_vitlab_pe_validates():
+    cfg = load_config("fashion-mnist-quick", ["model.name=timm:vit_tiny_patch16_224", "model.qk_pe=rope_axial",
+                                              "model.patch_size=4"])
+    assert cfg.model["qk_pe"] == "rope_axial"

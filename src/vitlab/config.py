@@ -333,6 +333,39 @@ def _check_timm(model: dict) -> None:
         if not isinstance(options, dict):
             raise ValueError(f"model.{key}_kwargs={options!r}; expected a mapping (option: value)")
         _check_names(f"model.{key}", registry, name, f"model.{key}_kwargs", options)
+    _check_timm_build(model)
+
+
+def _check_timm_build(model: dict) -> None:
+    """Build the ``timm:`` model on the meta device (no memory, no weights) with the config's keys,
+    and put vitlab's q/k PE and kernel in when asked: a key the model does not take, or a PE for a
+    model that is not a ViT, is a one-line error now rather than a failed run after the data loaded.
+    Only those two answers count here: other build errors (a size that only the data settles) are
+    left to the real build, which checks everything again."""
+    import timm
+    import torch
+
+    from .models.timm_insert import insert_qk_pe
+
+    name = str(model["name"]).removeprefix("timm:")
+    vitlab_keys = ("qk_pe", "qk_pe_kwargs", "attn", "attn_kwargs")
+    kwargs = {k: v for k, v in model.items() if k not in ("name", "pretrained", "size", "num_classes") + vitlab_keys}
+    try:
+        with torch.device("meta"):
+            built = timm.create_model(name, pretrained=False, **kwargs)
+    except TypeError as err:
+        raise ValueError(f"timm model {name!r} does not take {sorted(kwargs)}: {err}") from None
+    except Exception:  # noqa: BLE001 - left to the real build (see above)
+        return
+    if model.get("qk_pe", "none") != "none" or model.get("attn", "standard") != "standard":
+        try:
+            with torch.device("meta"):
+                insert_qk_pe(built, model.get("qk_pe", "none"), model.get("qk_pe_kwargs"),
+                             model.get("attn", "standard"), model.get("attn_kwargs"))
+        except ValueError:
+            raise
+        except Exception:  # noqa: BLE001 - left to the real build
+            return
 
 
 def _check_keys(node, where: str = "") -> None:
