@@ -9,6 +9,7 @@ import json
 import math
 import os
 import shutil
+import statistics
 import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -373,24 +374,7 @@ def report_lines(out: Path, data: dict, stage: Path) -> List[str]:
               f"against the baseline arm (at the same grid point), paired by seed (scipy `ttest_rel`). "
               f"{step_note(rows)}{unmeasured_note(data['finished'], metric)}"
               f"{adjusted}: the seeds do not support ranking them.", "", *ranking_table(rows, metric)]
-    lines += ["", "## Cost and other metrics", "",
-              "Mean over seeds. FLOPs of one forward pass per image; train img/s over the whole training; inference "
-              "ms per evaluation batch (the run's `eval_batch_size`).", "",
-              "| arm | params | MFLOPs / image | epochs | train img/s | infer ms / batch | wall s / run | acc1 | acc5 | "
-              "AUROC (macro) |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for name in order:
-        fs = [r["final"] for r in by_group[name]]
-
-        def mean(k, fs=fs):
-            vals = [f[k] for f in fs if f.get(k) is not None]
-            return sum(vals) / len(vals) if vals else None
-
-        lines.append(f"| {name} | {fs[0]['params']:,} | {_fmt(fs[0]['flops'] / 1e6, '.1f')} | "
-                     f"{_fmt(mean('epochs'), '.3g')} | {_fmt(mean('train_images_per_s'), '.0f')} | "
-                     f"{_fmt(mean('infer_ms_per_batch'), '.1f')} | "
-                     f"{_fmt(mean('seconds'), '.0f')} | {_fmt(mean('acc1'))} | {_fmt(mean('acc5'))} | "
-                     f"{_fmt(mean('auroc_macro'))} |")
+    lines += cost_lines(order, by_group)
     lines += ["", *arms_lines(m)]
     if data["others"]:
         lines += ["", "## Runs not finished", "", "Listed, never dropped: they count in no table above.", "",
@@ -408,6 +392,34 @@ PE_KEYS = ("model.token_pe", "model.qk_pe", "model.attn")
 
 def _pe_key(key: str) -> bool:
     return any(key == k or key.startswith(f"{k}_kwargs") for k in PE_KEYS)
+
+
+def cost_lines(order: List[str], by_group: Dict[str, List[dict]]) -> List[str]:
+    """The cost table: per arm (in ranking ``order``) params, FLOPs, epochs and the metrics as means over
+    seeds, the timings as medians."""
+    lines = ["", "## Cost and other metrics", "",
+             "Mean over seeds, and the median for the timings (train img/s, infer ms, wall s: a run slowed by other "
+             "work on the machine moves a mean). FLOPs of one forward pass per image; train img/s over the whole "
+             "training; inference ms per evaluation batch (the run's `eval_batch_size`).", "",
+             "| arm | params | MFLOPs / image | epochs | train img/s | infer ms / batch | wall s / run | acc1 | acc5 | "
+             "AUROC (macro) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name in order:
+        fs = [r["final"] for r in by_group[name]]
+
+        def mean(k, fs=fs, how=statistics.fmean):
+            vals = [f[k] for f in fs if f.get(k) is not None and not math.isnan(f[k])]
+            return how(vals) if vals else None
+
+        def median(k):  # timings: one run slowed by other work on the machine moves a mean, not a median
+            return mean(k, how=statistics.median)
+
+        lines.append(f"| {name} | {fs[0]['params']:,} | {_fmt(fs[0]['flops'] / 1e6, '.1f')} | "
+                     f"{_fmt(mean('epochs'), '.3g')} | {_fmt(median('train_images_per_s'), '.0f')} | "
+                     f"{_fmt(median('infer_ms_per_batch'), '.1f')} | "
+                     f"{_fmt(median('seconds'), '.0f')} | {_fmt(mean('acc1'))} | {_fmt(mean('acc5'))} | "
+                     f"{_fmt(mean('auroc_macro'))} |")
+    return lines
 
 
 def arms_lines(manifest: dict) -> List[str]:
