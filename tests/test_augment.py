@@ -113,3 +113,21 @@ def test_library_transforms_draw_from_a_private_stream(policy):
     resumed.set_state(quiet.get_state())
     assert torch.equal(quiet(x, y)[0], resumed(x, y)[0])
     assert not torch.equal(quiet(x, y)[0], make()(x, y)[0])  # and the stream does move on
+
+
+@pytest.mark.parametrize("h,w", [(32, 32), (16, 48), (48, 16)])
+def test_random_affine_rotates_like_torchvision_on_non_square_images(h, w):
+    """theta acts on per-axis normalised coordinates: on a 16x48 image the unscaled rotation matrix
+    tilted a horizontal bar 9.9 degrees for a 29.7-degree draw (a rotation plus a stretch)."""
+    from torchvision.transforms.v2 import functional as TF
+
+    from vitlab.train.augment import random_affine
+
+    x = torch.zeros(1, 1, h, w)
+    x[..., h // 2 - 1:h // 2 + 1, 2:w - 2] = 1  # a cross: a bar each way
+    x[..., 2:h - 2, w // 2 - 1:w // 2 + 1] = 1
+    deg = float((torch.rand(4, 1, generator=torch.Generator().manual_seed(3))[0] * 2 - 1) * 30)
+    out = random_affine(x, 30, 0.0, (1.0, 1.0), torch.Generator().manual_seed(3))
+    ref = TF.affine(x, angle=-deg, translate=[0, 0], scale=1.0, shear=[0.0, 0.0],
+                    interpolation=TF.InterpolationMode.BILINEAR)
+    assert abs(deg) > 20 and (out - ref).abs().max() < 1e-4

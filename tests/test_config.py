@@ -153,3 +153,11 @@ def test_a_timm_vit_with_a_vitlab_pe_validates():
     cfg = load_config("fashion-mnist-quick", ["model.name=timm:vit_tiny_patch16_224", "model.qk_pe=rope_axial",
                                               "model.patch_size=4"])
     assert cfg.model["qk_pe"] == "rope_axial"
+
+
+def test_gradient_clipping_only_where_a_preset_asks_for_it():
+    """DeiT/timm clip no gradients by default, nor do DESIGN's recipes; the 1.0 default clipped 76% of
+    the Mini-ViT preset's steps. Only the Fashion-MNIST recipe sets it."""
+    assert load_config("fashion-mnist").train.clip_grad == 1.0
+    for name in ("cifar10-minivit", "imagenet100-clearvit", "cifar10-string", "brain-mri-pope"):
+        assert load_config(name).train.clip_grad is None

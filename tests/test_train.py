@@ -140,9 +140,14 @@ def test_cli_train_eval_other_resolution_and_resume(tmp_path, capsys):
 
 def test_recipe_parts():
     f = lr_lambda(total_steps=100, warmup_steps=10, base_lr=1e-3, min_lr=1e-5)
-    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(0) == 0 and f(9) == pytest.approx(0.9)  # the base lr once, at the warm-up's end (not twice)
     assert f(10) == pytest.approx(1.0) and f(100) == pytest.approx(1e-2)
     assert f(55) == pytest.approx(1e-2 + (1 - 1e-2) * 0.5, rel=1e-6)
+    from timm.scheduler import CosineLRScheduler  # the same schedule as timm's, warm-up as a prefix
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    timm_lr = CosineLRScheduler(opt, t_initial=90, lr_min=1e-5, warmup_t=10, warmup_lr_init=0.0, warmup_prefix=True,
+                                t_in_epochs=False)
+    assert max(abs(timm_lr._get_lr(t)[0] - 1e-3 * f(t)) for t in range(101)) < 1e-12
     import vitlab
     m = vitlab.create_model(img_size=16, patch_size=4, dim=32, depth=1, heads=2, token_pe="learned", qk_pe="rope_mixed")
     decay, no_decay = param_groups(m, 0.05)
@@ -394,3 +399,24 @@ def test_a_warmup_longer_than_the_run_is_said(tmp_path):
                                          "never reaches train.lr=0.003"):
         train_run(load_config("fashion-mnist-quick", SYN + ["train.epochs=1", "train.warmup_epochs=3"]),
                   tmp_path / "r", progress=False)
+
+
+def test_the_logged_lr_is_the_one_the_epoch_ended_with_and_weights_keep_their_scale(tmp_path):
+    """metrics.jsonl's lr was read after the epoch's last scheduler step: the next epoch's, so the last
+    epoch logged min_lr, never used. And a class-weighted loss had another scale for MixUp/CutMix's
+    soft targets (torch divides by the batch size there, by the weights' sum for hard labels)."""
+    from vitlab.train import train_run
+    from vitlab.train.loop import read_metrics, train_loss
+
+    out = tmp_path / "r"
+    train_run(load_config("fashion-mnist-quick", SYN + ["train.min_lr=1e-5", "train.warmup_epochs=0"]), out,
+              progress=False)
+    steps = len(json.loads((out / "split.json").read_text())["train"]) // 32
+    lr, total = 3e-3, 3 * steps
+    f = lr_lambda(total, 0, lr, 1e-5)
+    assert [m["lr"] for m in read_metrics(out / "metrics.jsonl")] == pytest.approx(
+        [lr * f(e * steps - 1) for e in (1, 2, 3)])
+    logits, y = torch.randn(6, 4, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 1, 1, 2, 3, 0])
+    w = torch.tensor([1.6, 0.4, 0.4, 0.4])
+    hard = train_loss(logits, y, w, 0.0)
+    assert float(train_loss(logits, torch.nn.functional.one_hot(y, 4).float(), w, 0.0)) == pytest.approx(float(hard))

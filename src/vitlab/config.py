@@ -90,7 +90,7 @@ class TrainSection(NumbersNotBools):
     warmup_epochs: float = Field(1.0, ge=0)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     class_weighted: bool = False
-    clip_grad: Optional[float] = Field(1.0, gt=0)
+    clip_grad: Optional[float] = Field(None, gt=0)  # DeiT/timm clip nothing by default; a preset may
     accum_steps: int = Field(1, ge=1)
     seed: int = Field(0, ge=0, le=MAX_SEED)
     time_limit_min: Optional[float] = Field(None, gt=0)

@@ -68,7 +68,10 @@ def random_affine(x: torch.Tensor, degrees: float, translate: float, scale: Tupl
     zoom = scale[0] + u[1] * (scale[1] - scale[0])
     tx, ty = (u[2] * 2 - 1) * translate * 2, (u[3] * 2 - 1) * translate * 2  # grid units span 2
     cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
-    theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)  # (B, 2, 3)
+    # theta acts on coordinates normalised to [-1, 1] per axis: a rotation in pixels is S^-1 R S with
+    # S = diag(W, H), so on a non-square image the off-diagonal terms carry the aspect ratio
+    aspect = x.shape[-2] / x.shape[-1]  # H / W
+    theta = torch.stack([torch.stack([cos, -sin * aspect, tx], 1), torch.stack([sin / aspect, cos, ty], 1)], 1)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     if fill is None:
         return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)

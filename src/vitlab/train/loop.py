@@ -97,12 +97,14 @@ def epoch_order(n: int, repeats: int, gen: torch.Generator) -> torch.Tensor:
 
 
 def lr_lambda(total_steps: int, warmup_steps: int, base_lr: float, min_lr: float) -> Callable[[int], float]:
-    """Linear warm-up to the base lr, then cosine to ``min_lr`` (as a factor of the base lr)."""
+    """Linear warm-up from 0 to the base lr over ``warmup_steps`` optimizer steps, then cosine to
+    ``min_lr`` (as a factor of the base lr): timm's CosineLRScheduler with its warm-up as a prefix
+    (``warmup_prefix=True``, ``warmup_lr_init`` 0), the base lr reached once, at the warm-up's end."""
     floor = min_lr / base_lr
 
     def f(step: int) -> float:
         if step < warmup_steps:
-            return (step + 1) / warmup_steps
+            return step / warmup_steps
         t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
@@ -134,8 +136,16 @@ class Progress:
 
 
 def train_loss(logits: torch.Tensor, y: torch.Tensor, weight: Optional[torch.Tensor], smoothing: float) -> torch.Tensor:
-    """Cross-entropy in float32; hard labels get label smoothing, MixUp/CutMix's soft ones carry theirs."""
-    return F.cross_entropy(logits.float(), y, weight=weight, label_smoothing=smoothing if y.dim() == 1 else 0.0)
+    """Cross-entropy in float32; hard labels get label smoothing, MixUp/CutMix's soft ones carry theirs.
+
+    With class ``weight`` the loss is the weighted mean, sum_i w_i l_i / sum_i w_i, for soft targets
+    too (w_i = the target's mix of class weights): torch's own weighted cross-entropy divides by the
+    weights' sum for hard labels but by the batch size for soft ones, so a batch's loss would change
+    scale with MixUp/CutMix."""
+    if weight is None or y.dim() == 1:
+        return F.cross_entropy(logits.float(), y, weight=weight, label_smoothing=smoothing if y.dim() == 1 else 0.0)
+    per_item = F.cross_entropy(logits.float(), y, weight=weight, reduction="none")  # sum_c w_c y_c (-log p_c)
+    return per_item.sum() / (y.float() @ weight).sum()
 
 
 class Interrupted(Exception):
@@ -294,7 +304,7 @@ def train_run(cfg: RunConfig, out_dir: Path, *, resume: bool = False, progress: 
     steps_per_epoch = max(1, n_train // per_step)
     total = steps_per_epoch * t_cfg.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(total, int(t_cfg.warmup_epochs * steps_per_epoch), t_cfg.lr, t_cfg.min_lr))
+        optimizer, lr_lambda(total, math.ceil(t_cfg.warmup_epochs * steps_per_epoch), t_cfg.lr, t_cfg.min_lr))
     weight = None
     if t_cfg.class_weighted:  # inverse class frequency, mean 1 (the MRI study's minority-class fix)
         counts = torch.bincount(y_train, minlength=num_classes).float().clamp_min(1)
@@ -384,6 +394,7 @@ def train_run(cfg: RunConfig, out_dir: Path, *, resume: bool = False, progress: 
             bar = Progress(steps_per_epoch - step0, f"epoch {epoch + 1}/{t_cfg.epochs}", progress and main)
             t0 = t_ckpt = time.perf_counter()
             stop = ""
+            step_lr = optimizer.param_groups[0]["lr"]
             for step in range(step0, steps_per_epoch):
                 bad = 0.0
                 for micro in range(t_cfg.accum_steps):
@@ -417,6 +428,7 @@ def train_run(cfg: RunConfig, out_dir: Path, *, resume: bool = False, progress: 
                     break
                 if t_cfg.clip_grad:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), t_cfg.clip_grad)
+                step_lr = optimizer.param_groups[0]["lr"]  # the lr this step used (logged for the epoch's last)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
@@ -458,7 +470,7 @@ def train_run(cfg: RunConfig, out_dir: Path, *, resume: bool = False, progress: 
                 break
             val = classification_metrics(val_logits, val_ds.labels, num_classes)
             line = {"epoch": epoch + 1, "train_loss": loss_sum / max(1, n_seen), "val_loss": val["loss"],
-                    "val_acc": val["acc1"], "lr": optimizer.param_groups[0]["lr"], "seconds": epoch_time,
+                    "val_acc": val["acc1"], "lr": step_lr, "seconds": epoch_time,
                     "img_s": n_seen / max(epoch_time, 1e-9), "elapsed": run["elapsed"],
                     "data_share": sums["data"] / max(epoch_time, 1e-9)}  # host time getting and augmenting batches
             if main:
