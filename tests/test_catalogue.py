@@ -181,3 +181,31 @@ def test_every_parameter_gets_a_gradient(attn, qk_pe):
     m.train()(torch.randn(2, 3, 16, 16)).sum().backward()
     left_out = [n for n, p in m.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.isfinite().all())]
     assert left_out == []
+
+
+def test_attention_maps_restore_each_modules_own_mode():
+    import vitlab
+
+    model = vitlab.create_model(img_size=16, patch_size=4, in_chans=1, num_classes=3, dim=32, depth=2, heads=2)
+    model.train()
+    model.blocks[0].eval()  # a frozen block, say
+    vitlab.attention_maps(model, torch.randn(2, 1, 16, 16))
+    assert model.training and not model.blocks[0].training and model.blocks[1].training
+
+
+def test_folding_a_bf16_string_model_keeps_its_dtype():
+    import vitlab
+
+    model = vitlab.create_model(img_size=16, patch_size=4, in_chans=1, num_classes=3, dim=32, depth=1, heads=2,
+                                qk_pe="string_cayley").bfloat16().eval()
+    x = torch.randn(2, 1, 24, 24, dtype=torch.bfloat16)  # a size the model has not cached tables for
+    vitlab.fold_string(model)
+    assert {b.dtype for n, b in model.named_buffers() if "qk_pe" in n} <= {torch.bfloat16}
+    assert model(x).dtype == torch.bfloat16
+
+
+def test_an_mlp_of_no_hidden_units_is_refused():
+    import vitlab
+
+    with pytest.raises(ValueError, match="mlp_ratio=1e-09 gives dim x mlp_ratio"):
+        vitlab.create_model(mlp_ratio=1e-9)

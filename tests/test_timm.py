@@ -94,3 +94,62 @@ def test_grid_follows_the_image_through_every_entry_point():
     assert feats.shape == (1, 1 + 4 * 6, 32)
     torch.testing.assert_close(m.forward_head(feats), m(x))
     assert m.forward_features(torch.randn(1, 3, 16, 16)).shape == (1, 17, 32)
+
+
+@pytest.mark.parametrize("name,kwargs,words", [
+    ("beit_base_patch16_224", {}, "timm.models.beit.Block, not timm's vision_transformer Block"),  # q/v biases, rel-pos
+    ("eva02_tiny_patch14_224", {}, "timm.models.eva.EvaBlock"),  # its own rope, q/k/v biases
+    ("vit_small_patch16_18x2_224", {}, "ParallelThingsBlock"),
+    ("vit_small_r26_s32_224", {}, "HybridEmbed, not timm's PatchEmbed"),
+    ("vit_tiny_patch16_224", {"patch_drop_rate": 0.5}, "drops patches in training"),
+])
+def test_timm_models_vitlab_cannot_serve_are_refused_before_their_first_forward(name, kwargs, words):
+    """These were accepted and then crashed at the first forward (or would have dropped BEiT's and Eva's
+    own attention parameters); the config check builds them on the meta device and refuses them."""
+    with torch.device("meta"):
+        model = __import__("timm").create_model(name, **kwargs)
+    with pytest.raises(ValueError, match=words):
+        insert_qk_pe(model, "rope_axial")
+    with pytest.raises(ValueError, match=words.split(",")[0]):
+        load_config("fashion-mnist-quick", [f"model.name=timm:{name}", "model.qk_pe=rope_axial",
+                                            *(f"model.{k}={v}" for k, v in kwargs.items())])
+
+
+def _tiny_timm(**kwargs):
+    import timm
+
+    torch.manual_seed(0)
+    return timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2,
+                             num_classes=3, dynamic_img_size=True, **kwargs).eval()
+
+
+def test_padded_patch_embedding_rounds_the_grid_up():
+    model = insert_qk_pe(_tiny_timm(dynamic_img_pad=True), "rope_axial")
+    assert model(torch.randn(2, 3, 20, 28)).shape == (2, 3)  # a 3 x 4 grid of padded patches
+
+
+def test_threads_running_one_inserted_model_read_their_own_grid():
+    """The grid was one attribute per model: a thread on 32x64 images read the 64x32 grid another
+    thread had just embedded (the same token count, so no error: 216 of 300 outputs wrong)."""
+    import threading
+
+    model = insert_qk_pe(_tiny_timm(), "rope_axial")
+    images = {s: torch.randn(2, 3, *s, generator=torch.Generator().manual_seed(s[0])) for s in ((32, 64), (64, 32))}
+    with torch.no_grad():
+        want = {s: model(x) for s, x in images.items()}
+    wrong = []
+
+    def run(shape):
+        with torch.no_grad():
+            for _ in range(40):
+                if not torch.equal(model(images[shape]), want[shape]):
+                    wrong.append(shape)
+
+    threads = [threading.Thread(target=run, args=(s,)) for s in images for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not wrong
+    import copy
+    assert torch.equal(copy.deepcopy(model)(images[(32, 64)]), want[(32, 64)])  # EMA's deepcopy still works

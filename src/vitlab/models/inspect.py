@@ -28,7 +28,7 @@ def attention_maps(model: nn.Module, images: torch.Tensor) -> List[torch.Tensor]
     1 - lambda and entries can be negative. The model runs in eval mode and is restored after.
     """
     mods = _attention_modules(model)
-    was_training = model.training
+    modes = {m: m.training for m in model.modules()}  # each module's own: a frozen part may be in eval
     model.eval()
     maps: List[torch.Tensor] = []
     try:
@@ -38,7 +38,8 @@ def attention_maps(model: nn.Module, images: torch.Tensor) -> List[torch.Tensor]
     finally:
         for m in mods:
             m.record = None
-        model.train(was_training)
+        for m, training in modes.items():
+            m.training = training
     return maps
 
 

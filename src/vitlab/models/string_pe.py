@@ -41,7 +41,7 @@ class _StringBase(RopeAxial):
     def as_rope(self) -> RopeAxial:
         """The plain RoPE-Axial this PE becomes once P is folded into the q/k weights."""
         return RopeAxial(head_dim=self.head_dim, num_heads=self.num_heads, ndim=self.ndim, layer=self.layer,
-                         depth=self.depth, theta=self.theta, axis_pairs=self.axis_pairs).to(self.freqs.device)
+                         depth=self.depth, theta=self.theta, axis_pairs=self.axis_pairs).to(self.freqs)
 
 
 @QK_PES.register("string_cayley", "STRING with Cayley basis P = (I - S)(I + S)^-1, S skew; starts as RoPE")
