@@ -304,7 +304,8 @@ def train_run(cfg: RunConfig, out_dir: Path, *, resume: bool = False, progress: 
     steps_per_epoch = max(1, n_train // per_step)
     total = steps_per_epoch * t_cfg.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(total, math.ceil(t_cfg.warmup_epochs * steps_per_epoch), t_cfg.lr, t_cfg.min_lr))
+        optimizer, lr_lambda(total, math.ceil(round(t_cfg.warmup_epochs * steps_per_epoch, 6)), t_cfg.lr,
+                             t_cfg.min_lr))  # (round: 0.1 x 30 is 3.0000000000000004)
     weight = None
     if t_cfg.class_weighted:  # inverse class frequency, mean 1 (the MRI study's minority-class fix)
         counts = torch.bincount(y_train, minlength=num_classes).float().clamp_min(1)
