@@ -420,3 +420,14 @@ def test_the_logged_lr_is_the_one_the_epoch_ended_with_and_weights_keep_their_sc
     w = torch.tensor([1.6, 0.4, 0.4, 0.4])
     hard = train_loss(logits, y, w, 0.0)
     assert float(train_loss(logits, torch.nn.functional.one_hot(y, 4).float(), w, 0.0)) == pytest.approx(float(hard))
+
+
+def test_an_epoch_that_leaves_much_of_the_split_out_says_so(tmp_path):
+    """Whole batches only: 346 training items in batches of 128 train on 256 an epoch, 90 (26%) left
+    out (a different 90 each epoch)."""
+    from vitlab.train import train_run
+
+    with pytest.warns(UserWarning, match=r"each epoch trains on 256 of the 346 training items \(batches of 128; "
+                                         r"a different 90 left out each epoch\)"):
+        train_run(load_config("fashion-mnist-quick", SYN + ["train.epochs=1", "train.batch_size=128"]),
+                  tmp_path / "r", progress=False)

@@ -302,6 +302,11 @@ def train_run(cfg: RunConfig, out_dir: Path, *, resume: bool = False, progress: 
                          f"{f' over {dinfo.world} processes' if dinfo.enabled else ''} gives {batch // dinfo.world} "
                          f"(MixUp/CutMix would skip every batch)")
     steps_per_epoch = max(1, n_train // per_step)
+    left_over = n_train - steps_per_epoch * per_step  # a whole batch a step: the remainder waits (reshuffled)
+    if left_over > 0.1 * n_train and not resume:
+        warnings.warn(f"each epoch trains on {steps_per_epoch * per_step} of the {n_train} training items (batches "
+                      f"of {per_step}; a different {left_over} left out each epoch): a smaller train.batch_size "
+                      f"uses more of them")
     total = steps_per_epoch * t_cfg.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(total, math.ceil(round(t_cfg.warmup_epochs * steps_per_epoch, 6)), t_cfg.lr,
