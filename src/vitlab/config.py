@@ -345,11 +345,10 @@ def _check_timm_build(model: dict) -> None:
     import timm
     import torch
 
-    from .models.timm_insert import insert_qk_pe
+    from .models.timm_insert import insert_qk_pe, timm_kwargs
 
     name = str(model["name"]).removeprefix("timm:")
-    vitlab_keys = ("qk_pe", "qk_pe_kwargs", "attn", "attn_kwargs")
-    kwargs = {k: v for k, v in model.items() if k not in ("name", "pretrained", "size", "num_classes") + vitlab_keys}
+    kwargs = timm_kwargs(model)
     try:
         with torch.device("meta"):
             built = timm.create_model(name, pretrained=False, **kwargs)

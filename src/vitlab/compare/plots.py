@@ -10,6 +10,7 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from ..eval.probes import load_npz
+from .stats import is_number
 
 
 def _plt():
@@ -49,8 +50,7 @@ def _metrics(run: Path) -> List[dict]:
 
     lines = read_metrics(run / "metrics.jsonl")
     for i, line in enumerate(lines, 1):
-        if not (isinstance(line, dict) and all(isinstance(line.get(k), (int, float)) and not isinstance(line[k], bool)
-                                               for k in ("val_acc", "val_loss"))):
+        if not (isinstance(line, dict) and all(is_number(line.get(k)) for k in ("val_acc", "val_loss"))):
             raise ValueError(f"{run / 'metrics.jsonl'}: entry {i} is not an epoch's metrics (no numeric val_acc and "
                              f"val_loss); delete {run} to report without it, or to train it again with "
                              f"`vitlab compare`")

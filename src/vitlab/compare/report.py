@@ -19,7 +19,7 @@ from ..config import load_yaml_file
 from ..data.dedupe import leakage_line
 from .experiment import METRICS, check_folder_name
 from .runner import run_state
-from .stats import ALPHA, CORRECTIONS, EQUAL, adjust_p, mean_ci, summarize
+from .stats import ALPHA, CORRECTIONS, EQUAL, adjust_p, is_number, mean_ci, summarize
 
 METRIC_NAMES = {"acc1": "test accuracy (top-1)", "acc5": "test accuracy (top-5)", "auroc_macro": "test AUROC (macro, one-vs-rest)"}
 #: config keys a launcher sets per run: there a run's config.yaml may differ from the experiment's configs/NAME.yaml
@@ -34,19 +34,15 @@ FINAL_ENTRIES = {"acc1": (int, float), "params": int, "flops": (int, float), "se
                  "confusion": list}
 
 
-def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
 def _is_fraction(v) -> bool:
     """A metric value in [0, 1], or undefined (null / NaN: an AUROC over a class absent from the test set)."""
-    return v is None or (_is_number(v) and (math.isnan(v) or 0 <= v <= 1))
+    return v is None or (is_number(v) and (math.isnan(v) or 0 <= v <= 1))
 
 
 #: final.json entries parts of the report read when present: each one's check
 FINAL_OPTIONAL = {
     "acc5": _is_fraction, "auroc_macro": _is_fraction,
-    "epochs": _is_number, "train_images_per_s": _is_number, "infer_ms_per_batch": _is_number,
+    "epochs": is_number, "train_images_per_s": is_number, "infer_ms_per_batch": is_number,
     "test_size": lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0,
     "resolution_images": lambda v: isinstance(v, int) and not isinstance(v, bool),
     "model": lambda v: isinstance(v, dict),
@@ -67,7 +63,7 @@ def final_problems(final: dict) -> List[str]:
         bad.append("acc1")
     conf = final.get("confusion")
     if "confusion" not in bad and not (conf and all(isinstance(row, list) and len(row) == len(conf)
-                                                    and all(_is_number(x) for x in row) for row in conf)):
+                                                    and all(is_number(x) for x in row) for row in conf)):
         bad.append("confusion")
     return bad + [k for k, ok in FINAL_OPTIONAL.items() if final.get(k) is not None and not ok(final[k])]
 

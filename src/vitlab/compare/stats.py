@@ -21,6 +21,11 @@ CORRECTIONS = {"holm": "Holm's step-down method, which controls the family-wise 
                "none": "no correction"}
 
 
+def is_number(v) -> bool:
+    """An int or float read from JSON (true/false are not numbers)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def mean_ci(values: List[float], level: float = 0.95) -> dict:
     """Mean, sample standard deviation and the half-width of the ``level`` t-interval of the mean."""
     x = np.asarray(values, dtype=float)

@@ -25,6 +25,16 @@ def check_timm_model(name: str) -> None:
         raise ValueError(f"unknown timm model {name!r}; see timm.list_models() (e.g. resnet18, deit_small_patch16_224)")
 
 
+#: model keys vitlab reads for the q/k PE and kernel it inserts into a timm model
+VITLAB_KEYS = ("qk_pe", "qk_pe_kwargs", "attn", "attn_kwargs")
+
+
+def timm_kwargs(model: dict) -> dict:
+    """The ``model.*`` keys of a ``timm:`` config that go to ``timm.create_model`` (all but the name,
+    the weights, vitlab's size preset and class count, and the inserted PE/kernel's keys)."""
+    return {k: v for k, v in model.items() if k not in ("name", "pretrained", "size", "num_classes") + VITLAB_KEYS}
+
+
 class _GridSource:
     """The patch grid of the batch being processed, set by a forward pre-hook on the timm model's
     patch embedding (which sees the image). Per thread: two threads running one model on images of

@@ -44,13 +44,11 @@ def _seed_string_mask(cfg: RunConfig) -> RunConfig:
 def build_timm(name: str, cfg: RunConfig, in_chans: int, num_classes: int, img_size) -> Tuple[nn.Module, dict]:
     import timm
 
-    from ..models.timm_insert import check_timm_model
+    from ..models.timm_insert import VITLAB_KEYS, check_timm_model, timm_kwargs
 
     check_timm_model(name)
-    vitlab_keys = ("qk_pe", "qk_pe_kwargs", "attn", "attn_kwargs")
-    kwargs = {k: v for k, v in cfg.model.items()
-              if k not in ("name", "pretrained", "size", "num_classes") + vitlab_keys}
-    inserted = {k: cfg.model[k] for k in vitlab_keys if k in cfg.model}
+    kwargs = timm_kwargs(cfg.model)
+    inserted = {k: cfg.model[k] for k in VITLAB_KEYS if k in cfg.model}
     in_chans = kwargs.pop("in_chans", in_chans)  # the model's channels win; the data are converted to them
     pretrained = cfg.model.get("pretrained") or False
     extra = {}
