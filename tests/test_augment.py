@@ -83,6 +83,33 @@ def test_grey_data_for_a_colour_model_and_back():
         match_channels(torch.zeros(1, 4, 2, 2, dtype=torch.uint8), 3)
 
 
+def test_policy_options_reach_torchvision_and_change_the_draws():
+    """data.auto_augment_policy picks AutoAugment's learned policy (it was CIFAR-10's for every dataset);
+    data.randaugment_ops/magnitude set RandAugment's; the defaults are the ones used before."""
+    from torchvision.transforms import v2
+
+    from vitlab.config import load_config
+
+    def make(*overrides):
+        cfg = load_config("fashion-mnist-quick", list(overrides))
+        return BatchAugment.from_config(cfg, mean=torch.tensor([0.5] * 3), std=torch.tensor([0.25] * 3),
+                                        num_classes=4, channels=3, img_size=None, seed=0, device=torch.device("cpu"))
+
+    assert make("data.auto_augment=autoaugment").policy.policy == v2.AutoAugmentPolicy.CIFAR10
+    imnet = make("data.auto_augment=autoaugment", "data.auto_augment_policy=imagenet")
+    assert imnet.policy.policy == v2.AutoAugmentPolicy.IMAGENET
+    ra = make("data.auto_augment=randaugment", "data.randaugment_ops=3", "data.randaugment_magnitude=5").policy
+    assert (ra.num_ops, ra.magnitude) == (3, 5)
+    assert (make("data.auto_augment=randaugment").policy.num_ops, make("data.auto_augment=randaugment").policy.magnitude) == (2, 9)
+    x = torch.randint(0, 256, (16, 3, 16, 16), dtype=torch.uint8)
+    y = torch.arange(16) % 4
+    cifar = make("data.auto_augment=autoaugment")(x, y)[0]
+    assert not torch.equal(cifar, imnet(x, y)[0])  # another policy, other operations on the same draws
+    assert torch.equal(cifar, make("data.auto_augment=autoaugment")(x, y)[0])
+    strong = make("data.auto_augment=randaugment", "data.randaugment_magnitude=30")(x, y)[0]
+    assert not torch.equal(strong, make("data.auto_augment=randaugment")(x, y)[0])
+
+
 @pytest.mark.parametrize("policy", ["randaugment", "autoaugment"])
 def test_library_transforms_draw_from_a_private_stream(policy):
     """torchvision's policies and timm's RandomErasing / MixUp draw from the global generators, which a

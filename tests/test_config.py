@@ -42,6 +42,8 @@ def test_overrides_nest_and_parse_types():
     (["model.name=timm:vit_tiny_patch16_224", "model.attn=differential"], ["heads=3 is odd"]),
     # true/false is not a number (pydantic's lax mode read true as 1: one epoch, one block)
     (["train.epochs=true"], ["train.epochs: expected a number, not true/false"]),
+    (["data.auto_augment_policy=cifar100"], ["data.auto_augment_policy", "imagenet"]),
+    (["data.randaugment_magnitude=31"], ["data.randaugment_magnitude"]),
     (["model.depth=true"], ["depth: expected a number, not true/false"]),
     (["data.val_fraction=false"], ["data.val_fraction"]),
     # the data source and its option names are checked here too, so `vitlab validate` and a comparison's

@@ -517,6 +517,9 @@ def run_input_bench(config: str, overrides: Optional[List[str]] = None, workers:
         log(f"workers {'in memory' if w is None else w}: {n / (wait + aug):.0f} img/s")
     aug_keys = {k: getattr(d, k) for k in ("hflip", "crop_pad", "auto_augment", "affine_degrees", "mixup", "cutmix",
                                            "random_erasing")}
+    aug_keys["auto_augment"] = {"autoaugment": f"autoaugment ({d.auto_augment_policy} policy)",
+                                "randaugment": f"randaugment ({d.randaugment_ops} ops, magnitude {d.randaugment_magnitude})",
+                                }.get(d.auto_augment, d.auto_augment)
     return {"config": config, "overrides": list(overrides or []), "dataset": d.name, "source": bundle.source,
             "streamed": streamed, "train_images": len(ds), "classes": len(ds.classes),
             "item_shape": list(ds.item_shape), "options": dict(d.options), "batch": bs, "batches": batches,

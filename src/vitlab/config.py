@@ -47,7 +47,14 @@ class DataSection(NumbersNotBools):
     # batched, on-device augmentation
     hflip: bool = False
     crop_pad: int = Field(0, ge=0, description="pad-and-random-crop by up to this many pixels")
-    auto_augment: Literal["none", "autoaugment", "randaugment"] = "none"
+    auto_augment: Literal["none", "autoaugment", "randaugment"] = Field(
+        "none", description="torchvision v2's AutoAugment (policy: data.auto_augment_policy) or RandAugment "
+        "(data.randaugment_ops operations at magnitude data.randaugment_magnitude), one draw per image")
+    auto_augment_policy: Literal["cifar10", "imagenet", "svhn"] = Field(
+        "cifar10", description="AutoAugment's learned policy: the one searched on CIFAR-10, ImageNet or SVHN")
+    randaugment_ops: int = Field(2, ge=1, le=14, description="RandAugment: operations per image")
+    randaugment_magnitude: int = Field(9, ge=0, le=30, description="RandAugment: magnitude of each operation "
+                                       "(0-30, torchvision's 31 bins)")
     affine_degrees: float = Field(0.0, ge=0, le=180, description="RandomAffine rotation range (+-degrees)")
     affine_translate: float = Field(0.0, ge=0, le=1, description="RandomAffine shift, fraction of the size")
     affine_scale: Tuple[float, float] = (1.0, 1.0)

@@ -112,7 +112,8 @@ class BatchAugment:
 
     def __init__(self, *, mean: torch.Tensor, std: torch.Tensor, num_classes: int, hflip: bool = False,
                  crop_pad: int = 0, mixup: float = 0.0, cutmix: float = 0.0, mix_prob: float = 1.0,
-                 random_erasing: float = 0.0, auto_augment: str = "none", affine_degrees: float = 0.0,
+                 random_erasing: float = 0.0, auto_augment: str = "none", auto_augment_policy: str = "cifar10",
+                 randaugment_ops: int = 2, randaugment_magnitude: int = 9, affine_degrees: float = 0.0,
                  affine_translate: float = 0.0, affine_scale: Tuple[float, float] = (1.0, 1.0),
                  channels: Optional[int] = None, label_smoothing: float = 0.0, img_size: Optional[Tuple[int, ...]] = None,
                  seed: int = 0, device: torch.device = torch.device("cpu")):
@@ -131,7 +132,10 @@ class BatchAugment:
         self.policy = None
         if auto_augment != "none":
             from torchvision.transforms import v2
-            self.policy = v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10) if auto_augment == "autoaugment" else v2.RandAugment()
+            if auto_augment == "autoaugment":
+                self.policy = v2.AutoAugment(v2.AutoAugmentPolicy(auto_augment_policy))
+            else:
+                self.policy = v2.RandAugment(num_ops=randaugment_ops, magnitude=randaugment_magnitude)
         self.erase = None
         if random_erasing > 0:
             from timm.data.random_erasing import RandomErasing
@@ -145,7 +149,9 @@ class BatchAugment:
         d = cfg.data
         return cls(mean=mean, std=std, num_classes=num_classes, hflip=d.hflip, crop_pad=d.crop_pad, mixup=d.mixup,
                    cutmix=d.cutmix, mix_prob=d.mix_prob, random_erasing=d.random_erasing,
-                   auto_augment=d.auto_augment, affine_degrees=d.affine_degrees,
+                   auto_augment=d.auto_augment, auto_augment_policy=d.auto_augment_policy,
+                   randaugment_ops=d.randaugment_ops, randaugment_magnitude=d.randaugment_magnitude,
+                   affine_degrees=d.affine_degrees,
                    affine_translate=d.affine_translate, affine_scale=d.affine_scale, channels=channels,
                    label_smoothing=cfg.train.label_smoothing, img_size=img_size, seed=seed, device=device)
 
