@@ -399,6 +399,41 @@ def test_pope_phase_bias_is_clamped_to_its_range():
     torch.testing.assert_close((q1 @ k1.transpose(-2, -1)).double(), ref, rtol=1e-5, atol=1e-4)
 
 
+def test_pope_phase_bias_learns_from_its_bound_and_does_not_drift_out_of_range():
+    """delta starts at its bound 0: the gradient must reach it there (a plain clamp passes none). A
+    gradient pushing it outward must not carry the stored value away while the used one sits at the
+    bound (a straight-through clamp drifted to 3.0 in 300 Adam steps, then needed 318 steps the other
+    way before the used value moved), and a gradient back inward must move it at once."""
+    from vitlab.models.pope import ClampInward
+
+    x = torch.tensor([-7.0, -2.0, 0.0, 1.0, 1.0, -7.0], requires_grad=True)
+    ClampInward.apply(x, -2 * math.pi, 0.0).backward(torch.tensor([1.0, 1.0, 1.0, 1.0, -1.0, -1.0]))
+    assert x.grad.tolist() == [0.0, 1.0, 1.0, 1.0, 0.0, -1.0]  # outside: only the way back in passes
+
+    torch.manual_seed(0)
+    pe = QK_PES.build("pope", {}, head_dim=4, num_heads=1, ndim=2)
+    grid = make_grid((1, 2), 0)
+    q = k = torch.ones(1, 1, 2, 4)
+    opt = torch.optim.Adam(pe.parameters(), lr=0.01)
+
+    def step(sign):  # the score of the query at x=1 on the key at x=0; maximising it wants delta > 0
+        opt.zero_grad()
+        qq, kk = pe(q, k, grid)
+        (sign * (qq @ kk.transpose(-1, -2))[0, 0, 1, 0]).backward()
+        opt.step()
+
+    step(-1.0)
+    assert pe.delta.detach().abs().max() > 1e-3  # learns from the bound
+    for _ in range(300):
+        step(-1.0)
+    assert pe.delta.max().item() < 0.2, pe.delta  # Adam's momentum carries it ~10 lr past the bound, no more
+    for n in range(1, 40):
+        step(1.0)
+        if pe.delta.clamp(-2 * math.pi, 0.0).min().item() < 0:
+            break
+    assert n < 20, n  # back in range within a few steps
+
+
 def test_pope_attention_uses_the_original_head_dim_scale():
     model = tiny_model(seed=0, qk_pe="pope", depth=1)
     randomize_model_pes(model)

@@ -16,7 +16,7 @@ import vitlab
 from vitlab import QK_PES
 from vitlab.models import kernels
 from vitlab.models.kernels import _SoftmaxAttention, scaled_scores, sdpa
-from vitlab.models.pope import PolarEmbed, PolarProject
+from vitlab.models.pope import ClampInward, PolarEmbed, PolarProject
 from vitlab.models.positions import make_grid, pad_prefix
 
 LN2 = math.log(2.0)
@@ -25,8 +25,7 @@ LN2 = math.log(2.0)
 def reference_pope(pe, q, k, grid):
     """PoPE's q/k transform as it was written before the fast path: PolarProject with cos/sin tables."""
     phi = pe.phases(grid)
-    delta = pe.delta.float()
-    delta = delta + (delta.clamp(-2 * math.pi, 0.0) - delta).detach()
+    delta = ClampInward.apply(pe.delta.float(), -2 * math.pi, 0.0)
     phi_q = pad_prefix(phi, grid.num_prefix)
     phi_k = pad_prefix(phi + delta, grid.num_prefix)
     return (PolarProject.apply(q.float(), phi_q.cos(), phi_q.sin()),
@@ -88,7 +87,7 @@ def test_pope_equals_the_reference_path(ndim, num_prefix):
     d, heads = {2: 16, 3: 12}[ndim], 2
     pe = QK_PES.build("pope", None, head_dim=d, num_heads=heads, ndim=ndim)
     with torch.no_grad():
-        pe.delta.uniform_(-8.0, 2.0)  # some entries outside [-2 pi, 0]: the clamp's pass-through gradient
+        pe.delta.uniform_(-8.0, 2.0)  # some entries outside [-2 pi, 0]: the clamp's inward gradient
     grid = make_grid((3, 4) if ndim == 2 else (2, 3, 2), num_prefix)
     q, k = (3 * torch.randn(2, 2, heads, grid.num_tokens, d)).unbind(0)
     q1, k1, q2, k2 = (t.clone().requires_grad_() for t in (q, k, q, k))

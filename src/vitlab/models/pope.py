@@ -23,6 +23,29 @@ def softplus_fwd(x: torch.Tensor) -> torch.Tensor:
     return t.add_(x.clamp_min(0.0))
 
 
+class ClampInward(torch.autograd.Function):
+    """``x.clamp(lo, hi)`` whose gradient is not cut off at the bounds.
+
+    PoPE's phase bias starts at its bound 0, where a plain clamp passes no gradient, so it would never
+    learn. Passing the gradient everywhere (a straight-through clamp) lets the stored value drift out
+    of range while the used one stays pinned: 300 Adam steps pushing outward left it at 3.0 where it
+    acted as 0, and 318 steps the other way went by before it moved again. So outside the range only
+    a gradient whose descent step leads back in passes: the stored value passes a bound by about
+    what an optimiser's momentum carries (tested), and turns back at once."""
+
+    @staticmethod
+    def forward(ctx, x, lo: float, hi: float):
+        ctx.save_for_backward(x)
+        ctx.lo, ctx.hi = lo, hi
+        return x.clamp(lo, hi)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        outward = ((x > ctx.hi) & (grad < 0)) | ((x < ctx.lo) & (grad > 0))  # descent: x -= lr * grad
+        return grad.masked_fill(outward, 0.0), None, None
+
+
 class PolarProject(torch.autograd.Function):
     """out = [softplus(x) * cos, softplus(x) * sin], (..., d) -> (..., 2d), in one pass each way.
 
@@ -128,7 +151,7 @@ class PoPE(QKPE):
     (content in the magnitude, position in the angle). The d channels split evenly between the
     axes; within an axis of n channels, theta_i = base^(-i/n) — the paper's 1D rule
     base^(-c/d) with d frequencies, not d/2 as in RoPE, applied per axis as ``rope_axial`` does.
-    delta is learned per head and channel, initialised at 0 and clamped to [-2 pi, 0].
+    delta is learned per head and channel, initialised at 0 and clamped to [-2 pi, 0] (:class:`ClampInward`).
     Prefix tokens get phase 0 and no bias (magnitudes only).
 
     q and k come out 2d wide: the attention module passes the softmax scale 1/sqrt(d) of the
@@ -165,10 +188,7 @@ class PoPE(QKPE):
     def forward(self, q, k, grid):
         dtype = q.dtype
         phi = self.phases(grid)
-        # Clamped to [-2 pi, 0] in value but not in gradient: delta starts at the bound 0, where a
-        # plain clamp would pass no gradient and the bias could never learn.
-        delta = self.delta.float()
-        delta = delta + (delta.clamp(-2 * math.pi, 0.0) - delta).detach()  # (H, 1, d)
+        delta = ClampInward.apply(self.delta.float(), -2 * math.pi, 0.0)  # (H, 1, d)
         phi_k = pad_prefix(phi + delta, grid.num_prefix)  # (H, N, d)
         tab_q, tab_k = self.query_tables(grid), torch.stack([phi_k.cos(), phi_k.sin()]) * _LN2  # (2, H, N, d)
         # Compiled: the same arithmetic as one expression, which the compiler fuses (PolarEmbed's
