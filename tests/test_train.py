@@ -431,3 +431,32 @@ def test_an_epoch_that_leaves_much_of_the_split_out_says_so(tmp_path):
                                          r"a different 90 left out each epoch\)"):
         train_run(load_config("fashion-mnist-quick", SYN + ["train.epochs=1", "train.batch_size=128"]),
                   tmp_path / "r", progress=False)
+
+
+def test_pretrained_weights_keep_the_normalisation_they_were_trained_with(tmp_path):
+    """A pretrained timm model is fed inputs normalised as in its pretraining (timm's pretrained_cfg),
+    not with the new data's statistics; data.norm_stats=split and a model from scratch use the
+    training split's. final.json and the checkpoint (what eval and resume read) record which."""
+    import timm
+
+    from vitlab import rundir
+
+    path = tmp_path / "weights.pth"
+    torch.save(timm.create_model("test_resnet").state_dict(), path)
+    want = timm.create_model("test_resnet").pretrained_cfg
+    data = [x for x in SYN if not x.startswith("model.")]
+
+    # fp32: under CPU bf16, torch 2.14.1's weight gradient of a stride-2 3x3 convolution over a 1x1 map
+    # (test_resnet's last stage on 16-px images) holds garbage, and the run diverges (README, Precision)
+    def cfg(*extra):
+        return load_config("fashion-mnist-quick", data + ["model.name=timm:test_resnet", "model.in_chans=3",
+                                                          "train.epochs=1", "train.precision=fp32", *extra])
+
+    pre = train_run(cfg(f"model.pretrained={path}"), tmp_path / "pre", progress=False)
+    assert pre["normalization"] == {"mean": list(want["mean"]), "std": list(want["std"]), "from": "pretrained weights"}
+    assert rundir.load_checkpoint(tmp_path / "pre/checkpoints/last.pt")["norm"] == pre["normalization"]
+    split = train_run(cfg(f"model.pretrained={path}", "data.norm_stats=split"), tmp_path / "split",
+                      progress=False)["normalization"]
+    scratch = train_run(cfg(), tmp_path / "scratch", progress=False)["normalization"]
+    assert split == scratch and split["from"] == "training split"
+    assert max(abs(m - 0.5) for m in split["mean"]) > 1e-3  # the synthetic data's own, not the weights' 0.5

@@ -43,6 +43,10 @@ class DataSection(NumbersNotBools):
     options: Dict[str, Any] = Field(default_factory=dict, description="source-specific options")
     on_bad_image: Literal["skip", "fail"] = Field(
         "skip", description="a corrupt or non-image file in an image folder: skip it (counted warning) or fail")
+    norm_stats: Literal["auto", "split"] = Field(
+        "auto", description="input normalisation: auto = a model loading pretrained weights keeps the statistics "
+        "they were trained with (timm's pretrained_cfg), any other the training split's; split = always the "
+        "training split's")
     workers: int = Field(2, ge=0, description="DataLoader workers for streamed (file-backed) datasets")
     # batched, on-device augmentation
     hflip: bool = False

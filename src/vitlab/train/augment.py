@@ -117,8 +117,8 @@ class BatchAugment:
                  affine_translate: float = 0.0, affine_scale: Tuple[float, float] = (1.0, 1.0),
                  channels: Optional[int] = None, label_smoothing: float = 0.0, img_size: Optional[Tuple[int, ...]] = None,
                  seed: int = 0, device: torch.device = torch.device("cpu")):
-        self.mean, self.std = mean.to(device), std.to(device)
-        self.black = -self.mean / self.std  # a black pixel once normalised: RandomAffine's fill
+        self.device = device
+        self.set_norm(mean, std)
         self.hflip, self.crop_pad, self.img_size, self.channels = hflip, crop_pad, img_size, channels
         self.affine = (affine_degrees, affine_translate, tuple(affine_scale))
         self.use_affine = affine_degrees > 0 or affine_translate > 0 or tuple(affine_scale) != (1.0, 1.0)
@@ -154,6 +154,11 @@ class BatchAugment:
                    affine_degrees=d.affine_degrees,
                    affine_translate=d.affine_translate, affine_scale=d.affine_scale, channels=channels,
                    label_smoothing=cfg.train.label_smoothing, img_size=img_size, seed=seed, device=device)
+
+    def set_norm(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """Normalise with per-channel ``mean`` and ``std`` (of pixels in [0, 1])."""
+        self.mean, self.std = mean.float().to(self.device), std.float().to(self.device)
+        self.black = -self.mean / self.std  # a black pixel once normalised: RandomAffine's fill
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         x = match_channels(x, self.channels).float().div_(255)

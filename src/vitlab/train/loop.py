@@ -224,6 +224,21 @@ def predict(model, feed, augment: BatchAugment, batch_size: int, autocast, dinfo
     return distributed.gather_rows(dinfo, logits, counts).cpu()
 
 
+def norm_stats(d_cfg, model, mcfg: dict, feed, channels: int):
+    """(mean, std, where from): the statistics a run normalises its inputs with.
+
+    ``data.norm_stats=auto``: a model loading pretrained weights keeps the statistics it was trained
+    with (timm's ``pretrained_cfg``, as timm's own data config does) where they fit its channels;
+    otherwise, and with ``split``, the training split's, from 4096 images spread over all of it (the
+    first 4096 of a class-ordered folder split would be a few classes' statistics)."""
+    if d_cfg.norm_stats == "auto" and mcfg.get("pretrained"):
+        pc = getattr(model, "pretrained_cfg", None) or {}
+        if len(pc.get("mean") or ()) == channels and len(pc.get("std") or ()) == channels:
+            return torch.tensor(pc["mean"]), torch.tensor(pc["std"]), "pretrained weights"
+    stats = match_channels(feed.spread(4096), channels).float().div(255).transpose(0, 1).reshape(channels, -1)
+    return stats.mean(1), stats.std(1).clamp_min(1e-3), "training split"
+
+
 def train_run(cfg: RunConfig, out_dir: Path, *, resume: bool = False, progress: bool = True) -> dict:
     """Train ``cfg`` into ``out_dir``; returns final.json's content.
 
@@ -272,10 +287,7 @@ def train_run(cfg: RunConfig, out_dir: Path, *, resume: bool = False, progress: 
     val_feed, test_feed = (make_feed(ds, device, d_cfg.workers, t_cfg.seed) for ds in (val_ds, test_ds))
     y_train = train_ds.labels.to(device)
     channels = mcfg.get("in_chans") or in_chans  # the model's: grey data for a colour model is replicated
-    # normalisation statistics of the training split, from 4096 images spread over all of it (the
-    # first 4096 of a class-ordered folder split would be a few classes' statistics)
-    stats = match_channels(feed.spread(4096), channels).float().div(255).transpose(0, 1).reshape(channels, -1)
-    mean, std = stats.mean(1), stats.std(1).clamp_min(1e-3)
+    mean, std, norm_from = norm_stats(d_cfg, model, mcfg, feed, channels)
     augment = BatchAugment.from_config(cfg, mean=mean, std=std, num_classes=num_classes, channels=channels,
                                        img_size=img_size if img_size != data_size else None,
                                        seed=rank_seed(t_cfg.seed, dinfo.rank), device=device)
@@ -341,6 +353,10 @@ def train_run(cfg: RunConfig, out_dir: Path, *, resume: bool = False, progress: 
         if ema is not None and state.get("ema") is not None:
             ema.module.load_state_dict(state["ema"])
         run.update(state["run"])
+        if state.get("norm"):  # the statistics the run started with, whatever the rule is now
+            mean, std = torch.tensor(state["norm"]["mean"]), torch.tensor(state["norm"]["std"])
+            norm_from = state["norm"].get("from", "training split")
+            augment.set_norm(mean, std)
         partial = state["partial"]
         rngs = state["rng"]
         if len(rngs) != dinfo.world:
@@ -374,10 +390,11 @@ def train_run(cfg: RunConfig, out_dir: Path, *, resume: bool = False, progress: 
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "ema": ema.module.state_dict() if ema is not None else None,
                 "run": dict(run), "partial": partial_state, "rng": rngs, "order_gen": order_gen.get_state(),
-                "norm": {"mean": mean.tolist(), "std": std.tolist()}, "world_size": dinfo.world,
+                "norm": normalization, "world_size": dinfo.world,
                 "epochs": t_cfg.epochs, "steps_per_epoch": steps_per_epoch})
         distributed.barrier(dinfo)
 
+    normalization = {"mean": mean.tolist(), "std": std.tolist(), "from": norm_from}
     status = "finished"
     deadline = t_cfg.time_limit_min * 60 if t_cfg.time_limit_min else math.inf
     every = t_cfg.checkpoint_every_min * 60 if t_cfg.checkpoint_every_min else math.inf
@@ -514,7 +531,7 @@ def train_run(cfg: RunConfig, out_dir: Path, *, resume: bool = False, progress: 
     final.update(epochs=run["epoch"], best_epoch=run["best_epoch"], seconds=run["elapsed"],
                  train_images_per_s=run["imgs"] / train_time if train_time else None,
                  data_share=run["data_time"] / train_time if train_time else None, precision=precision, status=status,
-                 reason=run["reason"], world_size=dinfo.world)
+                 reason=run["reason"], world_size=dinfo.world, normalization=normalization)
     if main:
         rundir.write_json(out_dir / "final.json", final)
         rundir.set_status(out_dir, status, run["reason"])
