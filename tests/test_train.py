@@ -460,3 +460,26 @@ def test_pretrained_weights_keep_the_normalisation_they_were_trained_with(tmp_pa
     scratch = train_run(cfg(), tmp_path / "scratch", progress=False)["normalization"]
     assert split == scratch and split["from"] == "training split"
     assert max(abs(m - 0.5) for m in split["mean"]) > 1e-3  # the synthetic data's own, not the weights' 0.5
+
+
+def test_flops_per_image_share_what_a_forward_pass_costs_once(tmp_path):
+    """final.json's FLOPs per image are counted on an evaluation batch: STRING builds its P once per
+    forward pass, which a count on one image charged to that image (string-cifar: 272.7 MFLOPs against
+    RoPE's 244.2; on a batch of 128, 244.4)."""
+    from vitlab import rundir
+    from vitlab.api import create_model
+    from vitlab.flops import flop_counter
+
+    final = train_run(syn_cfg("model.qk_pe=string_cayley", "train.epochs=1"), tmp_path / "s", progress=False)
+    rope = train_run(syn_cfg("model.qk_pe=rope_axial", "train.epochs=1"), tmp_path / "r", progress=False)
+    mcfg = {k: v for k, v in final["model"].items() if k != "name"}
+    model = create_model(**mcfg).eval()
+    model.load_state_dict(rundir.load_checkpoint(tmp_path / "s/checkpoints/best.pt")["model"])
+
+    def per_image(n):
+        with torch.no_grad(), flop_counter() as c:
+            model(torch.randn(n, 1, 16, 16))
+        return c.get_total_flops() / n
+
+    assert final["flops"] == pytest.approx(per_image(128))
+    assert per_image(1) > 1.02 * final["flops"] and final["flops"] < 1.01 * rope["flops"]

@@ -394,10 +394,11 @@ def cost_lines(order: List[str], by_group: Dict[str, List[dict]]) -> List[str]:
     """The cost table: per arm (in ranking ``order``) params, FLOPs, epochs and the metrics as means over
     seeds, the timings as medians."""
     lines = ["", "## Cost and other metrics", "",
-             "Mean over seeds, and the median for the timings (train img/s, infer ms, wall s: a run slowed by other "
-             "work on the machine moves a mean). FLOPs of one forward pass per image; train img/s over the whole "
-             "training; inference ms per evaluation batch (the run's `eval_batch_size`).", "",
-             "| arm | params | MFLOPs / image | epochs | train img/s | infer ms / batch | wall s / run | acc1 | acc5 | "
+             "Mean over seeds, and the median for the timings (train img/s, infer ms, train s: a run slowed by other "
+             "work on the machine moves a mean). FLOPs of one forward pass per image, counted on an evaluation batch; "
+             "train img/s over the whole training; inference ms per evaluation batch (the run's `eval_batch_size`); "
+             "train s: the training epochs' time, without loading the dataset, validation and the final evaluation.", "",
+             "| arm | params | MFLOPs / image | epochs | train img/s | infer ms / batch | train s / run | acc1 | acc5 | "
              "AUROC (macro) |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name in order:

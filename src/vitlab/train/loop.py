@@ -590,8 +590,8 @@ def evaluate_run(out_dir, cfg, model, augment, test_feed, test_ds, num_classes, 
     x = augment.normalize(test_feed.sample(bs))
     model.eval()
     with torch.no_grad(), autocast():  # timed in the run's precision, as it trained and was evaluated
-        with flop_counter() as counter:
-            model(x[:1])
+        with flop_counter() as counter:  # per image in an evaluation batch: what a forward pass costs once
+            model(x)                        # (STRING's P, the PE tables) is shared by the batch, as in use
         times = []
         for _ in range(5):
             if device.type == "cuda":
@@ -601,7 +601,7 @@ def evaluate_run(out_dir, cfg, model, augment, test_feed, test_ds, num_classes, 
             if device.type == "cuda":
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t)
-    metrics.update(params=sum(p.numel() for p in model.parameters()), flops=counter.get_total_flops(),
+    metrics.update(params=sum(p.numel() for p in model.parameters()), flops=counter.get_total_flops() / x.shape[0],
                    infer_ms_per_batch=sorted(times)[len(times) // 2] * 1e3, infer_batch=x.shape[0],
                    test_size=len(test_feed), model=mcfg)
     return metrics
