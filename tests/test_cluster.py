@@ -10,7 +10,7 @@ from test_compare import EXP
 from vitlab.cli import main
 from vitlab.compare import load_experiment, run_compare
 from vitlab.compare import runner
-from vitlab.compare.runner import ClusterOptions
+from vitlab.compare.runner import ClusterOptions, plan_compare
 
 ONE_SEED = EXP.replace("seeds: 2", "seeds: 1")  # two arms x one seed: two jobs
 
@@ -194,9 +194,10 @@ def test_more_gpus_per_job_than_this_machine_shows_is_refused(tmp_path, monkeypa
     monkeypatch.setattr(runner, "_visible_gpus", lambda: visible)
     exp_file = tmp_path / "exp.yaml"
     exp_file.write_text(ONE_SEED)
-    with pytest.raises(ValueError, match=f"--gpus-per-run 2 but this machine shows {len(visible)} GPU"):
-        run_compare(load_experiment(str(exp_file)), tmp_path / "o", launcher="submitit-local",
-                    cluster=ClusterOptions(gpus_per_run=2), log=lambda m: None)
+    for call in (run_compare, plan_compare):  # --dry-run checks it too
+        with pytest.raises(ValueError, match=f"--gpus-per-run 2 but this machine shows {len(visible)} GPU"):
+            call(load_experiment(str(exp_file)), tmp_path / "o", launcher="submitit-local",
+                 cluster=ClusterOptions(gpus_per_run=2), log=lambda m: None)
     assert not (tmp_path / "o").exists()
 
 

@@ -516,3 +516,36 @@ def test_cost_table_timings_are_medians_over_seeds():
               for s, ms in enumerate([0.9, 160.0, 1.0])]
     row = next(line for line in cost_lines(["a"], {"a": finals}) if line.startswith("| a |"))
     assert row == "| a | 10 | 1.0 |  | 100 | 1.0 | 11 | 0.5100 |  |  |"
+
+
+def test_sigterm_to_compare_stops_its_running_run_with_a_checkpoint_and_the_next_call_resumes(tmp_path):
+    """kill (SIGTERM) reaches the comparison only, not its process group: the run it was training kept
+    training alone, and the next call trained alongside it. Now the run gets the signal, saves a
+    checkpoint and exits before the comparison does; the next call resumes it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    exp_file, out = tmp_path / "exp.yaml", tmp_path / "out"
+    exp_file.write_text(EXP.replace("train.epochs: 2", "train.epochs: 40").replace("seeds: 2", "seeds: 1"))
+    proc = subprocess.Popen([sys.executable, "-m", "vitlab", "compare", str(exp_file), "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    first = out / "runs" / "none-s0"
+    deadline = time.time() + 120
+    while not (first / "checkpoints" / "last.pt").is_file():  # the first run is training
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read()
+        time.sleep(0.1)
+    child = int((first / ".lock").read_text().split()[1])  # "pid N on HOST"
+    proc.send_signal(signal.SIGTERM)
+    log, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, log
+    with pytest.raises(ProcessLookupError):
+        os.kill(child, 0)  # the run ended with the comparison
+    assert json.loads((first / "status.json").read_text())["status"] == "interrupted"
+    assert "save a checkpoint" in log
+    assert not (out / "runs" / "rope_axial-s0").exists()  # and no other run started
+    from vitlab.compare.runner import plan_compare
+    plan = {r["name"]: r["action"] for r in plan_compare(load_experiment(str(exp_file)), out, log=lambda m: None)}
+    assert plan == {"none-s0": "resume", "rope_axial-s0": "run"}

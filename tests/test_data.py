@@ -590,7 +590,7 @@ def test_find_root_error_lists_every_place_looked(tmp_path, monkeypatch):
         find_root("mnist", None)
     msg = str(err.value)
     assert "\n" not in msg and "$VITLAB_DATA (unset)" in msg and str(tmp_path / "xdg-cache" / "vitlab" / "mnist") in msg
-    assert "download=True" in msg and "torchvision.datasets.MNIST" in msg
+    assert "data.options.download=true" in msg and "torchvision.datasets.MNIST" in msg
     assert str(FASHION_SYSTEM) in PLACES["fashion-mnist"].system
     # the system copy may be installed here: point the entry at a stand-in to see every place listed
     monkeypatch.setitem(PLACES, "fashion-mnist", dataclasses.replace(PLACES["fashion-mnist"],

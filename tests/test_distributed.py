@@ -239,15 +239,15 @@ def test_every_rank_must_see_the_run_directory(tmp_path, case):
 
 def test_only_rank_zero_marks_a_stopped_run_failed(tmp_path, monkeypatch):
     from vitlab import rundir
-    from vitlab.cli import _mark_failed
+    from vitlab.cli import _mark_stopped
 
     rundir.set_status(tmp_path, "running")
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
-    _mark_failed(tmp_path, RuntimeError("rank 1 stopped"))
+    _mark_stopped(tmp_path, RuntimeError("rank 1 stopped"))
     assert rundir.read_json(tmp_path / "status.json")["status"] == "running"  # rank 0's to say
     monkeypatch.setenv("RANK", "0")
-    _mark_failed(tmp_path, RuntimeError("rank 0 stopped"))
+    _mark_stopped(tmp_path, RuntimeError("rank 0 stopped"))
     assert rundir.read_json(tmp_path / "status.json") | {"time": 0} == {"status": "failed", "reason": "rank 0 stopped",
                                                                           "time": 0}
 

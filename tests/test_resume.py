@@ -246,3 +246,50 @@ def test_a_run_being_trained_is_not_trained_again_alongside(tmp_path, capsys):
                            f"it to end (or stop it), or give another --out\n")
             assert rundir.read_json(run / "status.json")["status"] == "running"
     assert (run / "checkpoints" / "last.pt").read_bytes() == b"a checkpoint"
+
+
+def test_sigterm_during_the_final_evaluation_marks_the_run_interrupted_and_resume_evaluates(
+        tmp_path, capsys, monkeypatch):
+    """Outside the training steps (loading data, the final evaluation) SIGTERM killed the process where it
+    stood and status.json kept saying running; now the run is marked interrupted, the command exits 143
+    naming --resume, and the resume evaluates what the last checkpoint holds."""
+    import vitlab.train.loop as loop
+
+    real, calls = loop.evaluate_run, []
+
+    def signalled(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler raises here
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "evaluate_run", signalled)
+    run = tmp_path / "run"
+    assert main(["train", "fashion-mnist-quick", *SMALL, "train.epochs=1", "data.options.n_train=256",
+                 "--out", str(run), "--quiet"]) == 128 + signal.SIGTERM
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "SIGTERM" in err and f"--resume {run}" in err
+    status = json.loads((run / "status.json").read_text())
+    assert status["status"] == "interrupted" and "outside the training steps" in status["reason"]
+    assert not (run / "final.json").exists()
+    assert main(["train", "--resume", str(run), "--quiet"]) == 0
+    assert json.loads((run / "status.json").read_text())["status"] == "finished"
+    assert json.loads((run / "final.json").read_text())["epochs"] == 1
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the command's handler is gone again
+
+
+def test_resume_of_a_run_still_loading_its_data_names_the_process(tmp_path, capsys):
+    """Before its first checkpoint a run still holds its lock: --resume names that process instead of
+    saying there is no checkpoint to resume from."""
+    from vitlab import rundir
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("data: {name: synthetic}\n")
+    with rundir.exclusive(run, "vitlab train", "wait"):
+        assert main(["train", "--resume", str(run), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "another vitlab train (pid" in err
+    assert main(["train", "--resume", str(run), "--quiet"]) == 2  # not running: no checkpoint, said so
+    assert "no checkpoints/last.pt" in capsys.readouterr().err

@@ -130,21 +130,37 @@ def _is_main() -> bool:
     return from_env().is_main
 
 
-def _mark_failed(run_dir: Path, err: BaseException) -> None:
+def _mark_stopped(run_dir: Path, err: BaseException) -> None:
     """A run that stopped on an error must not keep saying ``running`` (a reader would wait for it or
-    take its files for a live run's); diverged/interrupted runs have set their own status already.
-    Under torchrun only rank 0 writes it: another rank stopping by the same signal would otherwise
-    race rank 0's ``interrupted`` with a ``failed``."""
+    take its files for a live run's); diverged/interrupted runs have set their own status already,
+    and a signal outside the training loop (loading data, the final evaluation) marks it
+    ``interrupted``. Under torchrun only rank 0 writes it: another rank stopping by the same signal
+    would otherwise race rank 0's ``interrupted`` with a ``failed``."""
     from . import rundir
 
     if not _is_main():
         return
-
+    signum = 2 if isinstance(err, KeyboardInterrupt) else getattr(err, "signum", None)
     try:
         if rundir.read_json(run_dir / "status.json").get("status") == "running":
-            rundir.set_status(run_dir, "failed", _one_line(err))
+            if isinstance(err, (KeyboardInterrupt, rundir.Terminated)):
+                rundir.set_status(run_dir, "interrupted", f"signal {signum} outside the training steps")
+            else:
+                rundir.set_status(run_dir, "failed", _one_line(err))
     except (OSError, ValueError, AttributeError):  # no status yet, or the disk refuses even this
         pass
+
+
+def _stopped(run_dir: Path, err: BaseException):
+    """Re-raise what stopped a run after marking its status; a SIGTERM outside the training steps
+    (which checkpoint and say so themselves) says how to continue."""
+    from .rundir import Terminated
+
+    _mark_stopped(run_dir, err)
+    if isinstance(err, Terminated) and not str(err):
+        raise Terminated(f"SIGTERM received outside the training steps; continue with: vitlab train --resume "
+                         f"{run_dir}") from None
+    raise err
 
 
 def _default_out(cfg_source: str | None, cfg) -> Path:
@@ -198,15 +214,14 @@ def cmd_train(args) -> int:
                              f"{', '.join(given)} (to change the config, start a new run with --out)")
         if not (run_dir / "config.yaml").is_file():
             raise FileNotFoundError(f"--resume {run_dir}: no config.yaml there (not a vitlab run directory)")
-        if not (run_dir / "checkpoints" / "last.pt").is_file():
-            raise FileNotFoundError(f"--resume {run_dir}: no checkpoints/last.pt to resume from")
-        cfg = validate(read_yaml(str(run_dir / "config.yaml")))
-        with _run_lock(run_dir):
+        with _run_lock(run_dir):  # first: a run still loading its data has no checkpoint yet
+            if not (run_dir / "checkpoints" / "last.pt").is_file():
+                raise FileNotFoundError(f"--resume {run_dir}: no checkpoints/last.pt to resume from")
+            cfg = validate(read_yaml(str(run_dir / "config.yaml")))
             try:
                 final = train_run(cfg, run_dir, resume=True, progress=not args.quiet)
-            except Exception as err:
-                _mark_failed(run_dir, err)
-                raise
+            except BaseException as err:
+                _stopped(run_dir, err)
     else:
         if not args.config:  # None or "": an empty name would silently train the built-in defaults
             raise ValueError("give a preset or YAML file (see `vitlab train --help`), or --resume RUN_DIR")
@@ -220,9 +235,8 @@ def cmd_train(args) -> int:
                 _refuse_existing_run(out)
             try:
                 final = train_run(cfg, out, progress=not args.quiet)
-            except Exception as err:
-                _mark_failed(out, err)
-                raise
+            except BaseException as err:
+                _stopped(out, err)
         run_dir = out
     if not _is_main():  # one summary line per run, not one per torchrun process
         return 0
@@ -462,13 +476,19 @@ def main(argv: Optional[List[str]] = None) -> int:
             args.overrides = list(args.overrides) + extra
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    from .rundir import Terminated, sigterm_raises
+
     try:
-        return args.func(args)
+        with sigterm_raises():
+            return args.func(args)
     except BrokenPipeError:  # e.g. `vitlab list | head`
         return 0
     except KeyboardInterrupt:
         print("vitlab: interrupted", file=sys.stderr)
         return 130
+    except Terminated as err:
+        print(f"vitlab: {err or 'SIGTERM received'}", file=sys.stderr)
+        return 128 + Terminated.signum
     except (ValueError, OSError, RuntimeError) as err:  # OSError: unreadable input, unwritable output
         if args.debug:
             raise

@@ -55,6 +55,34 @@ def output_error(path: Path, err: BaseException) -> OutputError:
     return OutputError(f"cannot write {path}: {detail}", code)
 
 
+class Terminated(BaseException):
+    """SIGTERM outside the training loop (which checkpoints at its next step instead): raised in the
+    main thread as SIGINT raises KeyboardInterrupt, so a command stops through its cleanup (a run's
+    status, a comparison's child runs) instead of dying where it stands with ``running`` on disk."""
+
+    signum = 15
+
+
+@contextlib.contextmanager
+def sigterm_raises():
+    """For the ``with`` block, SIGTERM raises :class:`Terminated` in the main thread."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handle(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handle)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 @contextlib.contextmanager
 def exclusive(path: Path, what: str, advice: str):
     """Hold ``PATH/.lock`` (an exclusive ``flock``, released when the process ends, however it ends)

@@ -144,7 +144,8 @@ def plan_compare(exp: Experiment, out: Path, *, extra: Optional[List[str]] = Non
     per run with its name, arm, grid point, seed, state (:func:`run_state`) and action (``run``,
     ``resume``, ``skip``; ``in flight`` for a job an earlier call submitted)."""
     out = Path(out)
-    _, specs, _ = _prepare(exp, out, extra, launcher, cluster, wait, log, jobs, procs)
+    cluster, specs, _ = _prepare(exp, out, extra, launcher, cluster, wait, log, jobs, procs)
+    _check_gpus_here(launcher, cluster, procs, specs)
     in_flight = _in_flight(out)
     plan = []
     for spec in specs:
@@ -172,7 +173,7 @@ def run_compare(exp: Experiment, out: Path, *, extra: Optional[List[str]] = None
     out = Path(out)
     # before anything is written
     cluster, specs, manifest = _prepare(exp, out, extra, launcher, cluster, wait, log, jobs, procs)
-    _check_gpus_here(launcher, cluster, procs, specs)
+    _check_gpus_here(launcher, cluster, procs, specs)  # (plan_compare checks as much)
     # a second compare into one --out would resume or restart the runs this one is training
     with rundir.exclusive(out, "vitlab compare", "wait for it to end, or give another --out"):
         return _run_compare(exp, out, cluster, specs, manifest, extra, jobs, retry_failed, log, launcher, wait,
@@ -216,6 +217,10 @@ def _run_compare(exp, out, cluster, specs, manifest, extra, jobs, retry_failed, 
     for i in range(max(jobs, len(groups)) if groups else 0):
         free.put(groups[i % len(groups)])
 
+    children: Dict[int, subprocess.Popen] = {}  # the runs training now, which a stop must reach
+    stopping = threading.Event()
+    guard = threading.Lock()
+
     def one(item):
         spec, run, cfg_file = item
         t0 = time.time()
@@ -223,16 +228,39 @@ def _run_compare(exp, out, cluster, specs, manifest, extra, jobs, retry_failed, 
         gpus = free.get() if groups and _on_gpus(spec) else None
         env = None if gpus is None else {**os.environ, "CUDA_VISIBLE_DEVICES": gpus}
         try:
-            proc = subprocess.run(_command(spec, run, cfg_file, threads, procs), capture_output=True, text=True,
-                                  env=env)
+            with guard:
+                if stopping.is_set():
+                    return
+                proc = subprocess.Popen(_command(spec, run, cfg_file, threads, procs), stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE, text=True, env=env)
+                children[proc.pid] = proc
+            _, stderr = proc.communicate()
+            with guard:
+                children.pop(proc.pid, None)
         finally:
             if gpus is not None:
                 free.put(gpus)
-        err = "" if proc.returncode == 0 else error_line(proc.stderr.splitlines())
+        if stopping.is_set() and proc.returncode != 0:
+            return  # stopped with the comparison: its status says interrupted, the next call resumes it
+        err = "" if proc.returncode == 0 else error_line(stderr.splitlines())
         tally.finished(spec.name, run, err, time.time() - t0)
 
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        list(pool.map(one, todo))
+        try:
+            list(pool.map(one, todo))
+        except (KeyboardInterrupt, rundir.Terminated):
+            # a terminal's Ctrl-C reached the runs too, a SIGTERM (kill, a scheduler) only this process:
+            # each run gets one, checkpoints at its next step and exits; none starts after
+            with guard:
+                stopping.set()
+                running = list(children.values())
+            for proc in running:
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGTERM)
+            log(f"stopping: {len(running)} run(s) save a checkpoint; the same command again resumes them")
+            for proc in running:
+                proc.wait()
+            raise
     return {s.name: run_state(out / "runs" / s.name) for s in specs}
 
 

@@ -30,7 +30,7 @@ def _probe(name: str):
 for _name, _url in (("cifar10", "cifar-10-python.tar.gz"), ("cifar100", "cifar-100-python.tar.gz")):
     register_place(
         _name, _probe(_name),
-        how=f"with a network: load_dataset('{_name}', download=True) (torchvision.datasets.{_name.upper()}), or "
+        how=f"with a network: data.options.download=true (torchvision.datasets.{_name.upper()}), or "
             f"unpack https://www.cs.toronto.edu/~kriz/{_url} (giving {FOLDER[_name]}/) into $VITLAB_DATA")
 
 

@@ -76,12 +76,12 @@ def _probe(name: str):
 
 register_place(
     "mnist", _probe("mnist"),
-    how="with a network: load_dataset('mnist', download=True) (torchvision.datasets.MNIST), or put the four IDX "
+    how="with a network: data.options.download=true (torchvision.datasets.MNIST), or put the four IDX "
         "files from https://ossci-datasets.s3.amazonaws.com/mnist/ in $VITLAB_DATA/mnist")
 register_place(
     "fashion-mnist", _probe("fashion-mnist"), system=("/usr/share/datasets/fashion-mnist",),
     how="`apt-get install dataset-fashion-mnist` (Debian/Ubuntu, installs /usr/share/datasets/fashion-mnist); "
-        "or with a network: load_dataset('fashion-mnist', download=True) (torchvision.datasets.FashionMNIST), or "
+        "or with a network: data.options.download=true (torchvision.datasets.FashionMNIST), or "
         "the four IDX files from http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/ in "
         "$VITLAB_DATA/fashion-mnist")
 

@@ -22,7 +22,7 @@ def _probe(path: Path) -> Optional[Path]:
 
 
 register_place("imagefolder", _probe,
-               how="pass root= a folder with one sub-folder of images per class (optionally under Training/ "
+               how="give data.root= a folder with one sub-folder of images per class (optionally under Training/ "
                    "and Testing/, train/ and test/, or train/ and val/ as ImageNet's)",
                in_data_root=False)
 

@@ -21,7 +21,7 @@ def _probe(path: Path) -> Optional[Path]:
 
 
 register_place("npz", _probe,
-               how="pass root= a MedMNIST-style .npz file (e.g. pathmnist.npz from "
+               how="give data.root= a MedMNIST-style .npz file (e.g. pathmnist.npz from "
                    "https://zenodo.org/records/10519652, or `pip install medmnist`) or a folder holding one",
                in_data_root=False)
 

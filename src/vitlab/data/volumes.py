@@ -91,7 +91,7 @@ def _read_tree(files: Dict[str, List[Path]], size, intensity: Intensity) -> Arra
 
 
 register_place("volumes", lambda p: p if p.is_dir() else None,
-               how="pass root= a folder with one sub-folder per class of .npy or .nii/.nii.gz volumes "
+               how="give data.root= a folder with one sub-folder per class of .npy or .nii/.nii.gz volumes "
                    "(optionally under Training/ and Testing/, train/ and test/, or train/ and val/)",
                in_data_root=False)
 
