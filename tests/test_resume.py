@@ -196,14 +196,20 @@ def test_a_repeated_sigterm_still_saves_but_a_second_ctrl_c_stops_at_once():
     from vitlab.train.loop import SignalGuard
 
     before = signal.getsignal(signal.SIGTERM)
-    with SignalGuard() as guard:
-        for _ in range(2):
-            os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(0.05)
-        assert guard.signum == signal.SIGTERM  # still alive: the loop saves and exits
-        with pytest.raises(KeyboardInterrupt):
-            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C after a signal: at once
-            time.sleep(0.05)
+    # Python's own Ctrl-C handler, whatever this process inherited (a shell's background job, nohup,
+    # starts with SIGINT ignored)
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with SignalGuard() as guard:
+            for _ in range(2):
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.05)
+            assert guard.signum == signal.SIGTERM  # still alive: the loop saves and exits
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C after a signal: at once
+                time.sleep(0.05)
+    finally:
+        signal.signal(signal.SIGINT, inherited)
     assert signal.getsignal(signal.SIGTERM) is before
 
 

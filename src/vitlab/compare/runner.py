@@ -612,7 +612,7 @@ def _run_jobs(specs: List[RunSpec], todo: list, in_flight: Dict[str, dict], out:
                 seen = line
             if active or queue:
                 time.sleep(poll_s)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, rundir.Terminated):
         log(f"stopped waiting; submitted jobs keep running (job files in {out / JOB_DIR}); the same command again "
             f"waits for them, `vitlab report {out}` reports what has finished")
         raise
