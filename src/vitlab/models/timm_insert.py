@@ -101,9 +101,6 @@ def _check_plain(attn: nn.Module, i: int, model: nn.Module) -> None:
         raise ValueError(f"model.qk_pe: {name} block {i} attention ({type(attn).__name__}) is not timm's plain "
                          f"Attention{f' (it has {what})' if own or type(attn) is vt.Attention else ''}; vitlab "
                          f"inserts q/k PEs into timm ViTs with plain attention (vit_*, deit_*)")
-    if not (hasattr(attn, "qkv") and hasattr(attn, "proj") and hasattr(attn, "num_heads")):
-        raise ValueError(f"model.qk_pe: {name} block {i} attention ({type(attn).__name__}) has no fused qkv/proj "
-                         f"to reuse; vitlab inserts q/k PEs into timm ViTs with plain attention (vit_*, deit_*)")
     dim, heads = attn.qkv.in_features, attn.num_heads
     extra = sorted(n for n, c in attn.named_children() if n not in _PLAIN or
                    (n in ("q_norm", "k_norm", "norm") and not isinstance(c, nn.Identity)))
