@@ -107,6 +107,12 @@ def test_report_says_what_makes_arms_unequal():
     cut = [run("none", 0), run("pope_diff", 0, 4, "time limit of 0.05 min reached in epoch 5", threads=2)]
     text = " ".join(cut_short_lines(cut))
     assert "Not an equal-training comparison" in text and "pope_diff-s0 (4/6 epochs)" in text and "none-s0" not in text
+    fitted = run("none", 1, 3, "schedule fitted to the time limit: 3 of 6 epochs (an epoch trains in 2.0 s)")
+    fitted["final"]["planned_epochs"] = 6
+    text = " ".join(cut_short_lines([*cut, fitted]))
+    assert "of 3 finished runs, 1 stopped at the time limit" in text and "pope_diff-s0 (4/6 epochs)" in text
+    assert "1 fitted their schedule to the time limit" in text and "none-s1 (3/6 epochs)" in text
+    assert "none-s0" not in text
     assert "different numbers of CPU threads (1, 2" in " ".join(threads_lines(cut))
     from vitlab.compare.report import world_lines
     assert world_lines(even) == []  # final.json without world_size: one process

@@ -1,6 +1,7 @@
 """Training end to end on synthetic data (and a real Fashion-MNIST subset when installed):
 run directory contents, resume, eval at another resolution, the recipe's parts."""
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -50,25 +51,30 @@ def test_same_seed_same_numbers(tmp_path):
     assert a["acc1"] == b["acc1"] and a["loss"] == b["loss"]
 
 
-def test_interrupted_run_resumes_to_the_same_result(tmp_path, monkeypatch):
-    """Stopped after its first epoch (the process dies while logging epoch 2), a run resumed with
-    --resume ends where the run that was never stopped ends."""
+def killed_after_epoch_1(cfg, out, monkeypatch):
+    """Train ``cfg`` into ``out`` and die (KeyboardInterrupt) while logging epoch 2, after epoch 1's checkpoint."""
     from vitlab import rundir
-    from vitlab.cli import main as cli
-
-    whole = train_run(syn_cfg("train.epochs=3"), tmp_path / "whole", progress=False)
     real_append, calls = rundir.append_jsonl, []
 
     def dying_append(path, obj):
         calls.append(obj)
         if len(calls) == 2:
-            raise KeyboardInterrupt  # the run is killed after epoch 1's checkpoint
+            raise KeyboardInterrupt
         real_append(path, obj)
 
     monkeypatch.setattr(rundir, "append_jsonl", dying_append)
     with pytest.raises(KeyboardInterrupt):
-        train_run(syn_cfg("train.epochs=3"), tmp_path / "cut", progress=False)
+        train_run(cfg, out, progress=False)
     monkeypatch.setattr(rundir, "append_jsonl", real_append)
+
+
+def test_interrupted_run_resumes_to_the_same_result(tmp_path, monkeypatch):
+    """Stopped after its first epoch (the process dies while logging epoch 2), a run resumed with
+    --resume ends where the run that was never stopped ends."""
+    from vitlab.cli import main as cli
+
+    whole = train_run(syn_cfg("train.epochs=3"), tmp_path / "whole", progress=False)
+    killed_after_epoch_1(syn_cfg("train.epochs=3"), tmp_path / "cut", monkeypatch)
     assert not (tmp_path / "cut/final.json").exists()
     assert cli(["train", "--resume", str(tmp_path / "cut"), "--quiet"]) == 0
     resumed = json.loads((tmp_path / "cut/final.json").read_text())
@@ -80,6 +86,77 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, monkeypatch):
 def test_time_limit_stops_cleanly_and_evaluates(tmp_path):
     final = train_run(syn_cfg("train.epochs=50", "train.time_limit_min=0.001"), tmp_path / "r", progress=False)
     assert final["status"] == "finished" and "time limit" in final["reason"] and final["epochs"] < 50
+
+
+def test_fit_epochs_counts_what_the_time_left_holds():
+    from vitlab.train.loop import fit_epochs
+    assert fit_epochs(16, 1, 40.0, 40.0, 570.0) == 14   # 1 done + 530 s / 40 s = 13 more
+    assert fit_epochs(16, 1, 30.0, 30.0, 570.0) == 16   # 18 more would fit: the plan stands
+    assert fit_epochs(16, 1, 600.0, 40.0, 570.0) == 2   # no time left: one more, for the cosine to come down in
+    assert fit_epochs(1, 1, 600.0, 40.0, 570.0) == 1    # nothing planned beyond what is done
+    assert fit_epochs(4, 1, 10.0, 0.0, 100.0) == 4      # no measurable epoch time: the plan stands
+
+
+def test_set_schedule_switches_a_running_scheduler_from_the_current_step():
+    from vitlab.train.loop import set_schedule
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    opt.param_groups.append({**opt.param_groups[0], "params": [torch.nn.Parameter(torch.zeros(1))], "lr": 2.0})
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(100, 10, 1.0, 0.01))
+    for _ in range(30):
+        opt.step()
+        sched.step()
+    short = lr_lambda(40, 10, 1.0, 0.01)
+    set_schedule(sched, short)
+    assert [g["lr"] for g in opt.param_groups] == [short(30), 2 * short(30)] == sched.get_last_lr()
+    for _ in range(10):
+        opt.step()
+        sched.step()
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.01, 0.02])  # the short curve's end: min_lr
+
+
+def test_time_limit_fit_ends_the_cosine_in_the_epochs_that_fit_and_resumes_exactly(tmp_path, monkeypatch):
+    """train.time_limit_fit: after epoch 1 the schedule is cut to the epochs the limit leaves time for
+    (here fit_epochs says 2 of 4, whatever this machine's speed): the lr comes down to min_lr at the
+    end of epoch 2, the run ends there and says why, and a run resumed from epoch 1's checkpoint keeps
+    the fitted schedule and ends bit for bit as the one never stopped."""
+    import vitlab.train.loop as loop
+    from vitlab.soak import differences
+
+    seen = []
+
+    def two_fit(planned, done, elapsed, epoch_seconds, deadline):
+        seen.append((planned, done, epoch_seconds, deadline))
+        return 2
+
+    monkeypatch.setattr(loop, "fit_epochs", two_fit)
+    args = ("train.epochs=4", "train.time_limit_min=60", "train.time_limit_fit=true", "train.min_lr=1e-4")
+    whole = train_run(syn_cfg(*args), tmp_path / "whole", progress=False)
+    assert len(seen) == 1 and seen[0][:2] == (4, 1) and seen[0][2] > 0 and seen[0][3] == 3600
+    assert whole["status"] == "finished" and whole["epochs"] == 2 and whole["planned_epochs"] == 4
+    assert whole["reason"].startswith("schedule fitted to the time limit: 2 of 4 epochs")
+    state = torch.load(tmp_path / "whole/checkpoints/last.pt", weights_only=True)
+    steps = state["steps_per_epoch"]
+    assert state["epochs"] == state["run"]["epochs"] == 2
+    lrs = [json.loads(x)["lr"] for x in (tmp_path / "whole/metrics.jsonl").read_text().splitlines()]
+    warmup = math.ceil(0.5 * steps)
+    assert lrs[0] == pytest.approx(3e-3 * lr_lambda(4 * steps, warmup, 3e-3, 1e-4)(steps - 1))  # the plan's
+    assert lrs[1] == pytest.approx(3e-3 * lr_lambda(2 * steps, warmup, 3e-3, 1e-4)(2 * steps - 1))  # the fit's
+    assert lrs[1] < 0.1 * lrs[0]  # one step from the cosine's end (the plan's curve was at half the lr there)
+
+    killed_after_epoch_1(syn_cfg(*args), tmp_path / "cut", monkeypatch)  # its checkpoint holds the fit
+    monkeypatch.setattr(loop, "fit_epochs", lambda *a: pytest.fail("the resumed run fitted its schedule again"))
+    assert main(["train", "--resume", str(tmp_path / "cut"), "--quiet"]) == 0
+    assert differences(tmp_path / "whole", tmp_path / "cut") == []
+
+
+def test_time_limit_fit_leaves_a_schedule_the_limit_holds_alone(tmp_path):
+    """A limit the planned epochs fit in changes nothing: the same numbers as no limit at all."""
+    from vitlab.soak import differences
+    train_run(syn_cfg("train.epochs=2"), tmp_path / "plain", progress=False)
+    final = train_run(syn_cfg("train.epochs=2", "train.time_limit_min=600", "train.time_limit_fit=true"),
+                      tmp_path / "fit", progress=False)
+    assert final["epochs"] == 2 and final["reason"] == ""
+    assert differences(tmp_path / "plain", tmp_path / "fit") == []
 
 
 def test_eval_reproduces_final_json_of_a_bf16_deduplicated_run(tmp_path, capsys):

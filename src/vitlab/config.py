@@ -104,7 +104,12 @@ class TrainSection(NumbersNotBools):
     clip_grad: Optional[float] = Field(None, gt=0)  # DeiT/timm clip nothing by default; a preset may
     accum_steps: int = Field(1, ge=1)
     seed: int = Field(0, ge=0, le=MAX_SEED)
-    time_limit_min: Optional[float] = Field(None, gt=0)
+    time_limit_min: Optional[float] = Field(None, gt=0, description="stop training after this many minutes "
+                                            "of training steps, then evaluate the best epoch (None = no limit)")
+    time_limit_fit: bool = Field(False, description="under time_limit_min (without one it does nothing): after "
+                                 "the first epoch, shorten the schedule to the epochs the limit leaves time for, so "
+                                 "the cosine still ends at min_lr (a run cut by the limit alone stops with its lr "
+                                 "still high)")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="bf16 = autocast; auto = bf16 on a CUDA device that supports it, fp32 elsewhere "
         "(on CPU, bf16 must be asked for)")

@@ -440,19 +440,33 @@ def arms_lines(manifest: dict) -> List[str]:
 
 
 def cut_short_lines(finished: List[dict]) -> List[str]:
-    """A warning when finished runs stopped at ``train.time_limit_min`` before their planned epochs:
-    the arms then did not train equally (a slower arm trains less), and where the limit falls depends
-    on the machine's speed, so those runs do not reproduce exactly."""
-    cut = [r for r in finished if str(r["final"].get("reason") or "").startswith("time limit")]
-    if not cut:
+    """A warning when finished runs trained fewer than their planned epochs because of
+    ``train.time_limit_min``: stopped by it, or with their schedule fitted to it
+    (``train.time_limit_fit``). The arms then did not train equally (a slower arm trains less), and
+    where the limit falls depends on the machine's speed, so those runs do not reproduce exactly."""
+    def planned(r):
+        return r["final"].get("planned_epochs") or (r.get("config") or {}).get("train", {}).get("epochs") or "?"
+
+    def listed(runs):
+        return ", ".join(f"{r['name']} ({r['final'].get('epochs')}/{planned(r)} epochs)" for r in runs)
+
+    reasons = {r["name"]: str(r["final"].get("reason") or "") for r in finished}
+    cut = [r for r in finished if reasons[r["name"]].startswith("time limit")]
+    fitted = [r for r in finished if reasons[r["name"]].startswith("schedule fitted")]
+    if not cut and not fitted:
         return []
-    planned = {r["name"]: (r.get("config") or {}).get("train", {}).get("epochs") for r in cut}
-    runs = ", ".join(f"{r['name']} ({r['final'].get('epochs')}/{planned[r['name']] or '?'} epochs)" for r in cut)
-    return [f"**Not an equal-training comparison:** {len(cut)} of {len(finished)} finished runs stopped at the time "
-            f"limit (`train.time_limit_min`) before their planned epochs: {runs}. Those arms trained less than the "
-            f"others, so the ranking compares them at equal wall-clock time on this machine, not at equal "
-            f"training, and where the limit fell depends on the machine's speed (the runs do not reproduce "
-            f"exactly). Rerun with `train.time_limit_min=null` for an equal-training comparison.", ""]
+    how = []
+    if cut:
+        how.append(f"{len(cut)} stopped at the time limit (`train.time_limit_min`) before their planned epochs: "
+                   f"{listed(cut)}")
+    if fitted:
+        how.append(f"{len(fitted)} fitted their schedule to the time limit (`train.time_limit_fit`), so their "
+                   f"learning rate came down to `train.min_lr` in fewer epochs: {listed(fitted)}")
+    return [f"**Not an equal-training comparison:** of {len(finished)} finished runs, {'; '.join(how)}. Those "
+            f"arms trained less than the others, so the ranking compares them at equal wall-clock time on this "
+            f"machine, not at equal training, and where the limit fell depends on the machine's speed (the runs "
+            f"do not reproduce exactly). Rerun with `train.time_limit_min=null` for an equal-training "
+            f"comparison.", ""]
 
 
 def threads_lines(finished: List[dict]) -> List[str]:

@@ -120,7 +120,8 @@ def _prepare(exp: Experiment, out: Path, extra: Optional[List[str]], launcher: s
     limits = sorted({s.config.train.time_limit_min for s in specs if s.config.train.time_limit_min})
     if limits:
         log(f"note: train.time_limit_min={', '.join(f'{x:g}' for x in limits)}: a run that reaches it stops before its "
-            f"planned epochs, and the report then says the comparison is not at equal training "
+            f"planned epochs (or fits its schedule to fewer, with train.time_limit_fit=true), and the report "
+            f"then says the comparison is not at equal training "
             f"(train.time_limit_min=null turns the limit off)")
     return cluster, specs, manifest
 

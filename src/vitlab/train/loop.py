@@ -111,6 +111,24 @@ def lr_lambda(total_steps: int, warmup_steps: int, base_lr: float, min_lr: float
     return f
 
 
+def fit_epochs(planned: int, done: int, elapsed: float, epoch_seconds: float, deadline: float) -> int:
+    """How many epochs a schedule under a time limit holds (``train.time_limit_fit``): the ``done``
+    ones, plus as many more of ``epoch_seconds`` as fit in the ``deadline - elapsed`` seconds left,
+    at least one (the cosine needs steps to come down in; the limit still stops the run if that one
+    overruns), at most ``planned``."""
+    more = math.floor(max(0.0, deadline - elapsed) / epoch_seconds) if epoch_seconds > 0 else planned
+    return max(done + 1, min(planned, done + more)) if done < planned else planned
+
+
+def set_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, lr_at: Callable[[int], float]) -> None:
+    """Give a running LambdaLR another lr curve from its current step on, and set the lr the next
+    optimizer step uses from it (LambdaLR computed that one from the old curve)."""
+    scheduler.lr_lambdas = [lr_at] * len(scheduler.optimizer.param_groups)
+    for group, base in zip(scheduler.optimizer.param_groups, scheduler.base_lrs):
+        group["lr"] = base * lr_at(scheduler.last_epoch)
+    scheduler._last_lr = [g["lr"] for g in scheduler.optimizer.param_groups]
+
+
 class Progress:
     """A tqdm bar on a terminal, plain lines otherwise (logs, CI)."""
 
@@ -319,10 +337,12 @@ def train_run(cfg: RunConfig, out_dir: Path, *, resume: bool = False, progress: 
         warnings.warn(f"each epoch trains on {steps_per_epoch * per_step} of the {n_train} training items (batches "
                       f"of {per_step}; a different {left_over} left out each epoch): a smaller train.batch_size "
                       f"uses more of them")
-    total = steps_per_epoch * t_cfg.epochs
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(total, math.ceil(round(t_cfg.warmup_epochs * steps_per_epoch, 6)), t_cfg.lr,
-                             t_cfg.min_lr))  # (round: 0.1 x 30 is 3.0000000000000004)
+    warmup_steps = math.ceil(round(t_cfg.warmup_epochs * steps_per_epoch, 6))  # (round: 0.1 x 30 is 3.0000000000000004)
+
+    def lr_curve(epochs: int) -> Callable[[int], float]:  # the schedule of a run of `epochs` epochs
+        return lr_lambda(steps_per_epoch * epochs, warmup_steps, t_cfg.lr, t_cfg.min_lr)
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_curve(t_cfg.epochs))
     weight = None
     if t_cfg.class_weighted:  # inverse class frequency, mean 1 (the MRI study's minority-class fix)
         counts = torch.bincount(y_train, minlength=num_classes).float().clamp_min(1)
@@ -342,7 +362,8 @@ def train_run(cfg: RunConfig, out_dir: Path, *, resume: bool = False, progress: 
 
     # ---- run directory (rank 0 writes; every rank reads the checkpoint)
     ckpt_dir = out_dir / "checkpoints"
-    run = {"epoch": 0, "best_acc": -1.0, "best_epoch": -1, "elapsed": 0.0, "patience": t_cfg.early_stop_patience,
+    run = {"epoch": 0, "epochs": t_cfg.epochs, "best_acc": -1.0, "best_epoch": -1, "elapsed": 0.0,
+           "patience": t_cfg.early_stop_patience,
            "done": False, "reason": "", "imgs": 0, "train_time": 0.0, "data_time": 0.0}
     partial = None  # the interrupted epoch: its order, the step reached, its running sums
     if resume:
@@ -353,6 +374,8 @@ def train_run(cfg: RunConfig, out_dir: Path, *, resume: bool = False, progress: 
         if ema is not None and state.get("ema") is not None:
             ema.module.load_state_dict(state["ema"])
         run.update(state["run"])
+        if run["epochs"] != t_cfg.epochs:  # the schedule was fitted to the time limit before the checkpoint
+            set_schedule(scheduler, lr_curve(run["epochs"]))
         if state.get("norm"):  # the statistics the run started with, whatever the rule is now
             mean, std = torch.tensor(state["norm"]["mean"]), torch.tensor(state["norm"]["std"])
             norm_from = state["norm"].get("from", "training split")
@@ -391,7 +414,7 @@ def train_run(cfg: RunConfig, out_dir: Path, *, resume: bool = False, progress: 
                 "scheduler": scheduler.state_dict(), "ema": ema.module.state_dict() if ema is not None else None,
                 "run": dict(run), "partial": partial_state, "rng": rngs, "order_gen": order_gen.get_state(),
                 "norm": normalization, "world_size": dinfo.world,
-                "epochs": t_cfg.epochs, "steps_per_epoch": steps_per_epoch})
+                "epochs": run["epochs"], "steps_per_epoch": steps_per_epoch})
         distributed.barrier(dinfo)
 
     normalization = {"mean": mean.tolist(), "std": std.tolist(), "from": norm_from}
@@ -399,8 +422,8 @@ def train_run(cfg: RunConfig, out_dir: Path, *, resume: bool = False, progress: 
     deadline = t_cfg.time_limit_min * 60 if t_cfg.time_limit_min else math.inf
     every = t_cfg.checkpoint_every_min * 60 if t_cfg.checkpoint_every_min else math.inf
     with SignalGuard() as guard:
-        for epoch in range(run["epoch"], t_cfg.epochs):
-            if run["done"]:
+        for epoch in range(run["epoch"], run["epochs"]):
+            if run["done"] or epoch >= run["epochs"]:  # (the schedule may have been fitted shorter since)
                 break
             ddp_model.train()
             if partial is not None:
@@ -414,8 +437,9 @@ def train_run(cfg: RunConfig, out_dir: Path, *, resume: bool = False, progress: 
                 sums = {"loss": 0.0, "n": 0, "seconds": 0.0, "data": 0.0}
             mine = order.view(-1, batch)[:, dinfo.slice(batch)].reshape(-1)
             batches = feed.batches(mine[step0 * t_cfg.accum_steps * (batch // dinfo.world):], batch // dinfo.world)
-            bar = Progress(steps_per_epoch - step0, f"epoch {epoch + 1}/{t_cfg.epochs}", progress and main)
+            bar = Progress(steps_per_epoch - step0, f"epoch {epoch + 1}/{run['epochs']}", progress and main)
             t0 = t_ckpt = time.perf_counter()
+            first_step = 0.0  # this process's first step of the epoch (allocations, kernel choice: slower)
             stop = ""
             step_lr = optimizer.param_groups[0]["lr"]
             for step in range(step0, steps_per_epoch):
@@ -440,6 +464,8 @@ def train_run(cfg: RunConfig, out_dir: Path, *, resume: bool = False, progress: 
                         sums["loss"] += value * x.shape[0]
                         sums["n"] += x.shape[0]
                 spent = time.perf_counter() - t0
+                if step == step0:
+                    first_step = spent
                 # one small all-reduce per step so every rank takes the same decision
                 bad, signum, late, due = distributed.all_max(
                     dinfo, bad, guard.signum, float(run["elapsed"] + sums["seconds"] + spent > deadline),
@@ -511,12 +537,24 @@ def train_run(cfg: RunConfig, out_dir: Path, *, resume: bool = False, progress: 
             elif run["patience"] is not None and run["patience"] <= 0:
                 run["done"] = True
                 run["reason"] = f"early stop: no val_acc improvement for {t_cfg.early_stop_patience} epochs"
+            elif t_cfg.time_limit_fit and t_cfg.time_limit_min and epoch == 0 and run["epochs"] > 1:
+                steps_here = steps_per_epoch - step0  # this process's steps, timed without its first
+                per_epoch = ((epoch_time - sums["seconds"] - first_step) / (steps_here - 1) * steps_per_epoch
+                             if steps_here > 1 else epoch_time)
+                per_epoch = distributed.all_max(dinfo, per_epoch)[0]  # the slowest rank's; all decide alike
+                fitted = fit_epochs(run["epochs"], 1, run["elapsed"], per_epoch, deadline)
+                if fitted < run["epochs"]:
+                    set_schedule(scheduler, lr_curve(fitted))
+                    run["epochs"] = fitted
+                    run["fitted"] = f"schedule fitted to the time limit: {fitted} of {t_cfg.epochs} epochs"
+                    bar.close(f"{run['fitted']} (an epoch trains in {per_epoch:.1f} s); the learning rate now "
+                              f"reaches train.min_lr at epoch {fitted}")
             checkpoint("last", None)
-            bar.close(f"epoch {epoch + 1}/{t_cfg.epochs}  train_loss {line['train_loss']:.4f}  val_loss {val['loss']:.4f}  "
-                      f"val_acc {val['acc1']:.4f}{' *' if improved else ''}  {line['img_s']:.0f} img/s  "
-                      f"{epoch_time:.1f}s  data {line['data_share']:.1%}")
+            bar.close(f"epoch {epoch + 1}/{run['epochs']}  train_loss {line['train_loss']:.4f}  "
+                      f"val_loss {val['loss']:.4f}  val_acc {val['acc1']:.4f}{' *' if improved else ''}  "
+                      f"{line['img_s']:.0f} img/s  {epoch_time:.1f}s  data {line['data_share']:.1%}")
             signum = int(distributed.all_max(dinfo, guard.signum)[0])  # every rank stops, or none
-            if signum and epoch + 1 < t_cfg.epochs and not run["done"]:
+            if signum and epoch + 1 < run["epochs"] and not run["done"]:
                 if main:
                     rundir.set_status(out_dir, "interrupted", f"signal {signum} after epoch {epoch + 1}")
                 raise Interrupted(signum, out_dir)
@@ -531,7 +569,8 @@ def train_run(cfg: RunConfig, out_dir: Path, *, resume: bool = False, progress: 
     final.update(epochs=run["epoch"], best_epoch=run["best_epoch"], seconds=run["elapsed"],
                  train_images_per_s=run["imgs"] / train_time if train_time else None,
                  data_share=run["data_time"] / train_time if train_time else None, precision=precision, status=status,
-                 reason=run["reason"], world_size=dinfo.world, normalization=normalization)
+                 reason=run["reason"] or run.get("fitted", ""), planned_epochs=t_cfg.epochs,
+                 world_size=dinfo.world, normalization=normalization)
     if main:
         rundir.write_json(out_dir / "final.json", final)
         rundir.set_status(out_dir, status, run["reason"])
