@@ -132,6 +132,67 @@ def test_idx_bad_files_raise_naming_the_file(tmp_path):
         load_dataset("mnist", str(tmp_path / "m"))
 
 
+def _bad_deflate(data: bytes, at: int) -> bytes:
+    """``data`` with the deflate block header at byte ``at`` made a reserved block type (BTYPE 11):
+    zlib then fails with "invalid block type" (not a CRC error, which gzip reports as OSError)."""
+    out = bytearray(data)
+    out[at] = 0x07
+    return bytes(out)
+
+
+def test_damaged_compressed_files_are_one_line_errors_naming_the_file(tmp_path):
+    """A damaged deflate stream (zlib.error) in a .gz IDX file, a .nii.gz volume or a compressed .npz,
+    and a damaged .npy header (tokenize.TokenError), were tracebacks."""
+    import io
+    import zipfile
+
+    import nibabel as nib
+
+    raw = write_idx(tmp_path / "raw", np.zeros((4, 5, 6))).read_bytes()
+    (tmp_path / "bad.gz").write_bytes(_bad_deflate(gzip.compress(raw), 10))  # gzip's header: 10 bytes
+    nifti = tmp_path / "nii"
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), np.eye(4)), str(nifti.with_suffix(".nii")))
+    for cls in "ab":
+        (tmp_path / "v" / cls).mkdir(parents=True)
+        np.save(tmp_path / "v" / cls / "0.npy", np.zeros((4, 4, 4), np.float32))
+    (tmp_path / "v" / "a" / "1.nii.gz").write_bytes(
+        _bad_deflate(gzip.compress(nifti.with_suffix(".nii").read_bytes()), 10))
+    np.savez_compressed(tmp_path / "c.npz", train_images=np.zeros((4, 8, 8), np.uint8), train_labels=np.arange(4))
+    with zipfile.ZipFile(tmp_path / "c.npz") as z:
+        info = z.getinfo("train_images.npy")
+    data = (tmp_path / "c.npz").read_bytes()
+    start = info.header_offset + 30 + int.from_bytes(data[info.header_offset + 26:info.header_offset + 28], "little") \
+        + int.from_bytes(data[info.header_offset + 28:info.header_offset + 30], "little")  # past the local header
+    (tmp_path / "c.npz").write_bytes(_bad_deflate(data, start))
+    buf = io.BytesIO()
+    np.save(buf, np.zeros((4, 8, 8), np.uint8))
+    member = buf.getvalue().replace(b"}", b" ", 1)  # the header dict left open
+    with zipfile.ZipFile(tmp_path / "h.npz", "w") as z:
+        z.writestr("train_images.npy", member)
+        buf = io.BytesIO()
+        np.save(buf, np.arange(4))
+        z.writestr("train_labels.npy", buf.getvalue())
+    for call, name in ((lambda: read_idx(tmp_path / "bad.gz"), "bad.gz"),
+                       (lambda: load_dataset("volumes", str(tmp_path / "v")), "1.nii.gz"),
+                       (lambda: load_dataset("npz", str(tmp_path / "c.npz")), "c.npz"),
+                       (lambda: load_dataset("npz", str(tmp_path / "h.npz")), "h.npz")):
+        with pytest.raises(ValueError) as err:
+            call()
+        assert name in str(err.value) and "cannot read" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_idx_header_with_negative_dimensions_is_named_corrupt(tmp_path):
+    good = write_idx(tmp_path / "good", np.zeros((4, 5, 6))).read_bytes()
+    bad = good[:4] + struct.pack(">3i", -4, -5, 6) + good[16:]
+    (tmp_path / "neg").write_bytes(bad)
+    with pytest.raises(ValueError, match=r"neg: IDX header gives negative dimension\(s\) \(-4, -5, 6\)"):
+        read_idx(tmp_path / "neg")
+    huge = good[:4] + struct.pack(">3i", 2**31 - 1, 2**31 - 1, 2**31 - 1) + good[16:]  # int64 product overflows
+    (tmp_path / "huge").write_bytes(huge)
+    with pytest.raises(ValueError, match="huge: IDX size mismatch"):
+        read_idx(tmp_path / "huge")
+
+
 @pytest.mark.skipif(not FASHION_SYSTEM.is_dir(), reason="needs Debian's dataset-fashion-mnist "
                     "(/usr/share/datasets/fashion-mnist); CI installs it")
 def test_real_fashion_mnist_from_the_system_copy():
@@ -178,6 +239,9 @@ def test_cifar100_fine_and_coarse_labels(tmp_path):
     ({b"data": np.full((2, 3072), -1, np.int16), b"labels": [0, 1]}, ["0..255", "-1"]),
     ({b"data": np.full((2, 3072), 0.5), b"labels": [0, 1]}, ["integers 0..255", "0.5"]),
     ({b"data": [["a"] * 3072] * 2, b"labels": [0, 1]}, ["pixel data is <U1", "uint8"]),
+    # labels: a cast to int64 truncated 0.7 to 0; one out of range was not traced to its file
+    ({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0.7, 1.7]}, ["labels must be integers 0..9", "float64"]),
+    ({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 10]}, ["labels must be integers 0..9", "[0, 10]"]),
 ])
 def test_cifar_bad_batch_is_a_one_line_error_naming_the_file(tmp_path, content, words):
     write_cifar(tmp_path / "cifar-10-batches-py")
@@ -355,6 +419,10 @@ def test_to_unit_minmax_percentile_and_window():
     hu = np.array([-2000, -1000, -300, 400, 3000], dtype=np.float32)  # a CT window in Hounsfield units
     out = to_unit(hu, (-1000.0, 400.0))
     assert out.dtype == np.float32 and out.tolist() == [0.0, 0.0, 0.5, 1.0, 1.0]
+    # non-finite values count as the lowest finite one, far from 0 too (as 0 they stretched the range)
+    offset = np.array([np.nan, 1000.0, 1050.0, np.inf, 1100.0, -np.inf], dtype=np.float32)
+    assert to_unit(offset, "minmax").tolist() == [0.0, 0.0, 0.5, 0.0, 1.0, 0.0]
+    assert to_unit(np.full(3, np.nan), "minmax").tolist() == [0.0, 0.0, 0.0]
 
 
 def test_imagefolder_intensity_window_keeps_absolute_intensities(tmp_path):
@@ -469,19 +537,21 @@ def test_volumes_nifti_channel_count_must_agree(tmp_path):
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
-def test_volumes_non_finite_voxels_count_as_zero(tmp_path, bad):
-    """A NaN or infinite voxel is 0 before the intensity mapping: +inf used to stretch min-max
-    scaling so far that the rest of the volume collapsed to one grey level."""
-    ramp = np.arange(4 * 4 * 4, dtype=np.float32).reshape(4, 4, 4) - 10
+def test_volumes_non_finite_voxels_count_as_the_lowest_finite_value(tmp_path, bad):
+    """A NaN or infinite voxel counts as the volume's lowest finite value: +inf stretched min-max
+    scaling so far that the rest of the volume collapsed to one grey level, and 0 did nearly as much
+    to data far from 0 (an offset MRI: 1,000..1,063 kept 24 of 256 levels)."""
+    ramp = np.arange(4 * 4 * 4, dtype=np.float32).reshape(4, 4, 4) + 1000
     poisoned = ramp.copy()
     poisoned[0, 0, 0] = bad
-    zeroed = ramp.copy()
-    zeroed[0, 0, 0] = 0
-    for cls, vol in (("a", poisoned), ("b", zeroed)):
+    lowest = ramp.copy()
+    lowest[0, 0, 0] = ramp.flat[1]  # the lowest of the finite voxels that remain
+    for cls, vol in (("a", poisoned), ("b", lowest)):
         (tmp_path / "v" / cls).mkdir(parents=True)
         np.save(tmp_path / "v" / cls / "0.npy", vol)
     images = load_dataset("volumes", str(tmp_path / "v")).train.images
-    assert torch.equal(images[0], images[1]) and torch.unique(images[0]).numel() == 63  # the zeroed voxel repeats the ramp's own 0
+    assert torch.equal(images[0], images[1]) and torch.unique(images[0]).numel() == 63
+    assert images[0].min() == 0 and images[0].max() == 255
 
 
 def test_volumes_complex_values_are_refused_naming_the_file(tmp_path):

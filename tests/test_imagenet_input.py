@@ -155,3 +155,58 @@ def test_streamed_batches_under_spawn_and_forkserver_workers(tree, tmp_path, met
     r = subprocess.run([sys.executable, str(script), str(tree), method], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.split() == [method, "(30,", "3,", "16,", "16)", "True"], r.stdout
+
+
+def test_class_list_file_saved_with_a_byte_order_mark(tree, tmp_path):
+    listing = tmp_path / "notepad.txt"
+    listing.write_text("n01\r\nn02\r\n", encoding="utf-8-sig")  # what Windows Notepad writes
+    bundle = load_dataset("imagefolder", str(tree), img_size=16, classes=str(listing))
+    assert bundle.train.classes == ["n01", "n02"]  # was: '\ufeffn01' is not a class folder
+
+
+def test_symlinked_sub_folders_are_followed_once_and_broken_links_reported(tree, tmp_path):
+    """As torchvision's ImageFolder, images in a symlinked folder inside a class folder count (rglob
+    skipped them silently); a link back up the tree is entered once; a broken link is a bad file."""
+    extra = tmp_path / "elsewhere"
+    extra.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((48, 64, 3), 7, np.uint8)).save(extra / f"x{i}.JPEG")
+    (tree / "n01" / "more").symlink_to(extra, target_is_directory=True)
+    (tree / "n01" / "loop").symlink_to(tree / "n01", target_is_directory=True)
+    (tree / "n02" / "gone.JPEG").symlink_to(tmp_path / "missing.JPEG")
+    with pytest.warns(UserWarning, match=r"skipped 1 file.*gone\.JPEG"):
+        bundle = load_dataset("imagefolder", str(tree), img_size=16)
+    assert torch.bincount(bundle.train.labels).tolist() == [10, 13, 10]
+    from torchvision.datasets import ImageFolder
+    (tree / "n01" / "loop").unlink()  # (torchvision would follow it round until the path is too long)
+    (tree / "n02" / "gone.JPEG").unlink()
+    assert [t for _, t in ImageFolder(str(tree)).samples].count(1) == 13
+
+
+@pytest.mark.parametrize("stream", ["false", "true"])
+def test_eval_finds_the_runs_data_from_any_folder_and_refuses_other_images(tree, tmp_path, monkeypatch, stream):
+    """config.yaml records data.root and the class list as absolute paths: given relative, an eval
+    or --resume started in another folder found no data, or other data of that name. And an official
+    test set (here ImageNet's val/) is fingerprinted in split.json: a copy whose val images changed
+    classes is refused, where its indices alone (none: it is not carved) could not tell."""
+    import shutil
+
+    work = tmp_path / "work"
+    for part in ("train", "val"):
+        shutil.copytree(tree, work / "data" / part)
+    (work / "list.txt").write_text("n00\nn01\n")
+    monkeypatch.chdir(work)
+    small = ["data.name=imagefolder", "data.root=data", "data.options.classes=list.txt", "data.options.img_size=16",
+             "model.patch_size=8", "model.dim=16", "model.depth=1", "model.heads=2", "train.epochs=1",
+             "train.batch_size=8", f"data.options.stream={stream}", "data.workers=0"]
+    assert main(["train", "fashion-mnist-quick", *small, "--out", str(tmp_path / "run"), "--quiet"]) == 0
+    saved = (tmp_path / "run" / "config.yaml").read_text()
+    assert f"root: {work / 'data'}" in saved and f"classes: {work / 'list.txt'}" in saved
+    monkeypatch.chdir(tmp_path)
+    assert main(["eval", str(tmp_path / "run")]) == 0
+    copy = tmp_path / "copy"
+    shutil.copytree(work / "data", copy)
+    assert main(["eval", str(tmp_path / "run"), f"data.root={copy}"]) == 0  # another copy of the same files
+    for a, b in (("n00", "tmp"), ("n01", "n00"), ("tmp", "n01")):  # two val classes swap their images
+        (copy / "val" / a).rename(copy / "val" / b)
+    assert main(["eval", str(tmp_path / "run"), f"data.root={copy}"]) == 2

@@ -70,6 +70,21 @@ class DataSection(NumbersNotBools):
                               "many differently augmented copies of its images; an epoch stays one training split "
                               "long, so it draws 1/N of the images")
 
+    @field_validator("root")
+    @classmethod
+    def _absolute_root(cls, value):
+        # config.yaml records where the data was: a relative path would name another folder to an eval or
+        # a --resume started elsewhere (other data, were that folder to hold some)
+        return None if value is None else str(Path(value).expanduser().absolute())
+
+    @field_validator("options")
+    @classmethod
+    def _absolute_class_list(cls, value):
+        classes = value.get("classes")  # an image folder's class list file, for the same reason as root
+        if isinstance(classes, str) and classes:
+            value = {**value, "classes": str(Path(classes).expanduser().absolute())}
+        return value
+
     @field_validator("affine_scale")
     @classmethod
     def _scale_range(cls, value):

@@ -7,7 +7,7 @@ from .dedupe import leakage_line, phash
 from .download import download
 from .load import load_dataset
 from .locate import find_root
-from .splits import make_splits, split_from_json, split_to_json, stratified_split
+from .splits import dataset_digest, make_splits, split_from_json, split_to_json, stratified_split
 
-__all__ = ["DATASETS", "ArrayDataset", "DataBundle", "download", "find_root", "leakage_line", "load_dataset",
-           "make_splits", "phash", "split_from_json", "split_to_json", "stratified_split"]
+__all__ = ["DATASETS", "ArrayDataset", "DataBundle", "dataset_digest", "download", "find_root", "leakage_line",
+           "load_dataset", "make_splits", "phash", "split_from_json", "split_to_json", "stratified_split"]

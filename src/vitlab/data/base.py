@@ -1,12 +1,19 @@
 """The in-memory dataset types every source returns, and the ``DATASETS`` registry."""
 from __future__ import annotations
 
+import tokenize
+import zlib
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
 import torch
 
 from ..registry import Registry
+
+#: what reading a damaged file raises: OSError (gzip's bad CRC, truncation), EOFError, ValueError,
+#: zlib.error (a damaged deflate stream in a .gz, .nii.gz or compressed .npz), and SyntaxError /
+#: tokenize.TokenError (numpy parsing a damaged .npy header, which is a Python literal)
+READ_ERRORS = (OSError, EOFError, ValueError, zlib.error, SyntaxError, tokenize.TokenError)
 
 # Every source is ``factory(root, seed, *, options...) -> DataBundle``; ``root`` (the user's path or
 # None) and ``seed`` come from ``load_dataset``, the keyword-only options from the user.

@@ -76,7 +76,12 @@ def _batches(paths: List[Path], label_key: bytes, name: str, classes: List[str])
             raise ValueError(f"{path}: expected (N, 3072) pixels and N labels, got {data.shape} and "
                              f"{len(batch[label_key])}")
         images.append(data.reshape(-1, 3, 32, 32))  # rows are R plane, G plane, B plane, each 32x32 row-major
-        labels.append(np.asarray(batch[label_key], dtype=np.int64))
+        found = np.asarray(batch[label_key])  # (a cast to int64 would truncate float labels silently)
+        if found.dtype.kind not in "iu" or (found.size and not 0 <= found.min() <= found.max() < len(classes)):
+            span = f" in [{found.min()}, {found.max()}]" if found.dtype.kind in "iuf" and found.size else ""
+            raise ValueError(f"{path}: CIFAR {label_key.decode()} must be integers 0..{len(classes) - 1}, found "
+                             f"{found.dtype} values{span}")
+        labels.append(found.astype(np.int64))
     return ArrayDataset(torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels)),
                         classes, name)
 

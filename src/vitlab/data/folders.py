@@ -1,6 +1,7 @@
 """Class-per-folder trees, shared by ``imagefolder`` and ``volumes``."""
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -45,7 +46,7 @@ def class_list(classes: Union[str, Sequence[str]], kind: str) -> List[str]:
         if not path.is_file():
             raise ValueError(f"{kind} option classes={str(classes)!r}: no such file; give a list of class folder "
                              f"names or a text file with one class per line")
-        names = [line.split()[0] for line in path.read_text().splitlines()
+        names = [line.split()[0] for line in path.read_text(encoding="utf-8-sig").splitlines()  # (a BOM: Notepad's)
                  if line.strip() and not line.lstrip().startswith("#")]
     elif isinstance(classes, (list, tuple)):
         names = [str(c) for c in classes]
@@ -61,9 +62,20 @@ def class_list(classes: Union[str, Sequence[str]], kind: str) -> List[str]:
 
 
 def visible_files(folder: Path) -> List[Path]:
-    """Every file under ``folder``, sorted, hidden entries (names starting with ``.``) skipped."""
-    return sorted(p for p in folder.rglob("*") if p.is_file()
-                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    """Every file under ``folder``, sorted, hidden entries (names starting with ``.``) skipped.
+    Symlinked folders are followed, as torchvision's ImageFolder does (``Path.rglob`` does not
+    enter them, which dropped their images silently), each real folder once (a link back up the
+    tree ends there); a broken link is listed, so reading it fails as a bad image does, not unseen."""
+    out, seen = [], set()
+    for top, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(top)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        out += [Path(top) / f for f in files if not f.startswith(".")]
+    return sorted(out)
 
 
 def class_files(tree: Path, kind: str, only: Optional[Sequence[str]] = None) -> Dict[str, List[Path]]:

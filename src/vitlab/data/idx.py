@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import gzip
+import math
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
 
-from .base import DATASETS, ArrayDataset, DataBundle
+from .base import DATASETS, READ_ERRORS, ArrayDataset, DataBundle
 from .download import find_or_download
 from .locate import register_place
 
@@ -38,7 +39,7 @@ def read_idx(path: Path) -> np.ndarray:
                 raw = f.read()
         else:
             raw = path.read_bytes()
-    except (EOFError, gzip.BadGzipFile, OSError) as err:
+    except READ_ERRORS as err:
         raise ValueError(f"{path}: cannot read IDX file ({err})") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
         raise ValueError(f"{path}: not an IDX file (magic number {raw[:4].hex() or 'missing'}, "
@@ -50,7 +51,9 @@ def read_idx(path: Path) -> np.ndarray:
     if len(raw) < header:
         raise ValueError(f"{path}: truncated IDX header ({len(raw)} bytes, rank {ndim} needs {header})")
     dims = tuple(int(d) for d in np.frombuffer(raw, dtype=">i4", count=ndim, offset=4))
-    expected = header + int(np.prod(dims, dtype=np.int64))
+    if min(dims, default=0) < 0:
+        raise ValueError(f"{path}: IDX header gives negative dimension(s) {dims} (corrupt)")
+    expected = header + math.prod(dims)  # (a Python int: no overflow on a corrupt header's huge sizes)
     if len(raw) != expected:
         raise ValueError(f"{path}: IDX size mismatch: header says {dims} = {expected} bytes, file has "
                          f"{len(raw)} (truncated or corrupt)")

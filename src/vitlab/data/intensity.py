@@ -42,9 +42,14 @@ def check_intensity(value, source: str) -> Intensity:
 
 
 def to_unit(values: np.ndarray, intensity: Intensity) -> np.ndarray:
-    """Floating-point ``values`` (any shape, no NaN) mapped to [0, 1] as ``intensity`` says, in
-    their own dtype; a constant image under ``minmax``/``percentile`` becomes all zeros."""
+    """Floating-point ``values`` (any shape) mapped to [0, 1] as ``intensity`` says, in their own
+    dtype; a constant image under ``minmax``/``percentile`` becomes all zeros. Non-finite values
+    (NaN, +-inf: masked backgrounds, divisions by zero) count as the lowest finite one, so they
+    neither poison the scaling nor stretch it (as 0 would, for data far from 0)."""
     dtype = values.dtype.type
+    finite = np.isfinite(values)
+    if not finite.all():
+        values = np.where(finite, values, values[finite].min() if finite.any() else 0).astype(dtype, copy=False)
     if isinstance(intensity, tuple):
         lo, hi = intensity
     elif intensity == "percentile":

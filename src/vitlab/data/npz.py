@@ -8,7 +8,7 @@ from typing import List, Optional
 import numpy as np
 import torch
 
-from .base import DATASETS, ArrayDataset, DataBundle
+from .base import DATASETS, READ_ERRORS, ArrayDataset, DataBundle
 from .locate import find_root, register_place
 
 
@@ -82,7 +82,7 @@ def npz(root: Optional[str], seed: int, *, file: Optional[str] = None,
     try:
         with np.load(path, allow_pickle=False) as data:
             arrays = {k: data[k] for k in data.files}
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
+    except (*READ_ERRORS, zipfile.BadZipFile) as err:
         raise ValueError(f"npz: cannot read {path} ({type(err).__name__}: {err})") from None
     if "train_images" not in arrays or "train_labels" not in arrays:
         raise ValueError(f"npz: {path} lacks train_images/train_labels (keys: {sorted(arrays)})")

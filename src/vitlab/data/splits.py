@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 from fractions import Fraction
+from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -168,6 +169,23 @@ def split_to_json(split: Dict[str, object]) -> Dict[str, object]:
            else split[k] for k in _KEYS}
     out.update({k: split[k] for k in _OPTIONAL if k in split})
     return out
+
+
+def dataset_digest(ds) -> str:
+    """SHA-256 of a dataset's labels and its pixels (in memory) or its files' names and sizes
+    (streamed: no decoding): split.json's fingerprint of a test set that is not carved from the pool
+    (an official one, which indices cannot pin down). Another copy of the same files matches; other
+    images, images in other class folders or in another order do not."""
+    import hashlib
+
+    h = hashlib.sha256(np.ascontiguousarray(ds.labels.numpy(), dtype="<i8").tobytes())
+    if hasattr(ds, "images"):
+        h.update(np.ascontiguousarray(ds.images.numpy()).tobytes())
+    else:
+        for path in ds.paths:
+            path = Path(path)
+            h.update(f"{path.name}\0{path.stat().st_size if path.is_file() else -1}\0".encode())
+    return h.hexdigest()
 
 
 def split_from_json(d: Dict[str, object]) -> Dict[str, object]:

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .base import DATASETS, ArrayDataset, DataBundle, int_sizes
+from .base import DATASETS, READ_ERRORS, ArrayDataset, DataBundle, int_sizes
 from .folders import check_same_classes, class_files, split_folders
 from .intensity import Intensity, check_intensity, to_unit
 from .locate import find_root, register_place
@@ -45,7 +45,7 @@ def read_volume(path: Path) -> np.ndarray:
     name = path.name.lower()
     if not name.endswith((".npy",) + NIFTI):
         raise ValueError(f"volumes: {path} is neither .npy nor NIfTI ({', '.join(NIFTI)})")
-    errors: Tuple[type, ...] = (OSError, EOFError, ValueError)
+    errors: Tuple[type, ...] = READ_ERRORS
     try:
         if name.endswith(".npy"):
             vol = np.load(path, allow_pickle=False)
@@ -69,9 +69,8 @@ def read_volume(path: Path) -> np.ndarray:
 def to_uint8(vol: np.ndarray, size: Optional[Tuple[int, int, int]], intensity: Intensity = "auto") -> torch.Tensor:
     """(C, H, W, D) -> uint8 (C, *size): mapped to 0..255 over the whole volume as ``intensity``
     says (``auto``: min-max; :mod:`vitlab.data.intensity`), then resized with trilinear interpolation.
-    Non-finite voxels (NaN, +-inf: masks, divisions by zero) count as 0 before the mapping, so one of
-    them cannot stretch the scaling and flatten the rest of the volume."""
-    v = torch.from_numpy(to_unit(np.nan_to_num(vol.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0), intensity))
+    Non-finite voxels (NaN, +-inf: masks, divisions by zero) count as the volume's lowest finite value."""
+    v = torch.from_numpy(to_unit(vol.astype(np.float32), intensity))
     if size is not None and tuple(v.shape[1:]) != tuple(size):
         v = F.interpolate(v[None], size=tuple(size), mode="trilinear", align_corners=False)[0]
     return (v * 255).round_().clamp_(0, 255).to(torch.uint8)

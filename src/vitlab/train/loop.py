@@ -264,7 +264,7 @@ def train_run(cfg: RunConfig, out_dir: Path, *, resume: bool = False, progress: 
     it, the epoch's data order and every RNG state, so a run killed at any moment and resumed from
     its last checkpoint ends with the same weights and metrics as one never stopped (same machine
     and thread count). Under torchrun it trains data-parallel (see ``distributed``)."""
-    from ..data import load_dataset, make_splits, split_to_json
+    from ..data import dataset_digest, load_dataset, make_splits, split_to_json
 
     out_dir = Path(out_dir)
     t_cfg, d_cfg = cfg.train, cfg.data
@@ -396,7 +396,8 @@ def train_run(cfg: RunConfig, out_dir: Path, *, resume: bool = False, progress: 
         rundir.atomic_write_text(out_dir / "config.yaml", dump_yaml(cfg))
         rundir.write_json(out_dir / "env.json", {**rundir.environment(device), "world_size": dinfo.world})
         rundir.write_json(out_dir / "split.json", {**split_to_json(split), "source": bundle.source,
-                                                   "classes": bundle.train.classes})
+                                                   "classes": bundle.train.classes,
+                                                   "test_sha256": dataset_digest(test_ds)})
         rundir.atomic_write_text(out_dir / "metrics.jsonl", "")
         for stale in ("final.json", "checkpoints/best.pt", "checkpoints/last.pt", "predictions.npz",
                       "attention.npz"):  # --force over an old run: nothing of it may pass for this one's
