@@ -551,7 +551,29 @@ def test_sigterm_to_compare_stops_its_running_run_with_a_checkpoint_and_the_next
         os.kill(child, 0)  # the run ended with the comparison
     assert json.loads((first / "status.json").read_text())["status"] == "interrupted"
     assert "save a checkpoint" in log
+    assert log.rstrip().endswith("vitlab: SIGTERM received"), log  # was "vitlab: ", the message left empty
     assert not (out / "runs" / "rope_axial-s0").exists()  # and no other run started
     from vitlab.compare.runner import plan_compare
     plan = {r["name"]: r["action"] for r in plan_compare(load_experiment(str(exp_file)), out, log=lambda m: None)}
     assert plan == {"none-s0": "resume", "rope_axial-s0": "run"}
+
+
+def test_a_comparison_saved_before_a_config_key_existed_is_still_this_experiment(tmp_path, capsys):
+    """Saved configs are compared as configs, a key they lack at its default: text comparison
+    refused every finished comparison once vitlab added a key ("its config differs"), and the
+    report refused runs trained on either side of the upgrade (one config has the key, one not)."""
+    exp_file, out = tmp_path / "exp.yaml", tmp_path / "out"
+    exp_file.write_text(EXP.replace("seeds: 2", "seeds: 1").replace("train.epochs: 2", "train.epochs: 1"))
+    assert main(["compare", str(exp_file), "--out", str(out), "--quiet"]) == 0
+    older = [*(out / "configs").glob("*.yaml"), out / "runs" / "none-s0" / "config.yaml"]
+    for path in older:  # as written before train.time_limit_fit existed (rope_axial-s0 "trained after")
+        path.write_text("".join(x for x in path.read_text().splitlines(True) if "time_limit_fit" not in x))
+    capsys.readouterr()
+    assert main(["compare", str(exp_file), "--out", str(out), "--quiet"]) == 0, capsys.readouterr().err
+    from vitlab.compare.runner import plan_compare
+    plan = {r["name"]: r["action"] for r in plan_compare(load_experiment(str(exp_file)), out, log=lambda m: None)}
+    assert plan == {"none-s0": "skip", "rope_axial-s0": "skip"}
+    edited = out / "configs" / "none-s0.yaml"
+    edited.write_text(edited.read_text().replace("lr: 0.002", "lr: 0.003"))
+    assert main(["compare", str(exp_file), "--out", str(out), "--quiet"]) == 2
+    assert "none-s0: its config differs from this experiment's" in capsys.readouterr().err

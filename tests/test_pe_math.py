@@ -279,11 +279,35 @@ def test_string_sparsity_mask_follows_the_run_seed():
     assert torch.equal(fixed, one) and mcfg["qk_pe_kwargs"]["sparsity_seed"] == 1
 
 
+def test_string_sparsity_mask_is_saved_with_the_weights():
+    """A checkpoint holds the mask its entries of S belong to: loaded into a model built with another
+    sparsity_seed (from config.yaml's model keys alone, which do not hold the run's seed) it gives the
+    trained model, where it gave another one without a word. One saved before the mask was keeps the
+    model's own mask."""
+    def string(seed):
+        torch.manual_seed(0)
+        return vitlab.create_model(img_size=16, patch_size=4, in_chans=3, num_classes=5, dim=32, depth=2, heads=2,
+                                   qk_pe="string_cayley", qk_pe_kwargs={"sparsity": 0.3, "sparsity_seed": seed})
+
+    trained, other = string(1), string(2)
+    randomize_model_pes(trained)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert (trained(x) - other(x)).abs().max() > 1e-4
+        other.load_state_dict(trained.state_dict())
+        assert torch.equal(other(x), trained(x))
+        old = {k: v for k, v in trained.state_dict().items() if not k.endswith((".rows", ".cols"))}
+        again = string(1)
+        again.load_state_dict(old)  # strict: the missing mask is the model's own
+        assert torch.equal(again(x), trained(x))
+
+
 def test_string_cayley_model_at_init_equals_rope_axial_model():
     rope = tiny_model(seed=0, qk_pe="rope_axial")
     string = tiny_model(seed=0, qk_pe="string_cayley")
     missing, unexpected = string.load_state_dict(rope.state_dict(), strict=False)
-    assert set(missing) == {f"blocks.{i}.attn.qk_pe.a" for i in range(2)} and not unexpected
+    assert set(missing) == {f"blocks.{i}.attn.qk_pe.{k}" for i in range(2) for k in ("a", "rows", "cols")}
+    assert not unexpected
     torch.manual_seed(6)
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():

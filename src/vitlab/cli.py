@@ -487,7 +487,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print("vitlab: interrupted", file=sys.stderr)
         return 130
     except Terminated as err:
-        print(f"vitlab: {err or 'SIGTERM received'}", file=sys.stderr)
+        print(f"vitlab: {str(err) or 'SIGTERM received'}", file=sys.stderr)
         return 128 + Terminated.signum
     except (ValueError, OSError, RuntimeError) as err:  # OSError: unreadable input, unwritable output
         if args.debug:

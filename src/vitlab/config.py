@@ -472,5 +472,18 @@ def validate(raw: dict) -> RunConfig:
     return cfg
 
 
+def with_defaults(raw: dict) -> dict:
+    """A saved run config (config.yaml, a comparison's configs/NAME.yaml) with the data/train/eval
+    keys it lacks at their defaults: one written before vitlab had a key reads as it trained, since a
+    new key's default keeps the old behaviour. For comparing saved configs with each other or with a
+    config now, without validating them again (the model section holds only the keys given)."""
+    out = dict(raw)
+    for name, section in (("data", DataSection), ("train", TrainSection), ("eval", EvalSection)):
+        given = out.get(name)
+        if isinstance(given, dict):
+            out[name] = {**given, **{k: v for k, v in section().model_dump(mode="json").items() if k not in given}}
+    return out
+
+
 def dump_yaml(cfg: RunConfig) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

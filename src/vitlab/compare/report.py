@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from .. import rundir
-from ..config import load_yaml_file
+from ..config import load_yaml_file, with_defaults
 from ..data.dedupe import leakage_line
 from .experiment import METRICS, check_folder_name
 from .runner import run_state
@@ -109,7 +109,7 @@ def _read_config(path: Path, why: str) -> dict:
     raw = load_yaml_file(path, "config")
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: not a run config (expected a mapping with data/model/train sections)")
-    return raw
+    return with_defaults(raw)  # (runs trained before vitlab had a key compare as they trained)
 
 
 def read_manifest(out: Path) -> dict:

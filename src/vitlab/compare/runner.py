@@ -84,9 +84,21 @@ def _check_same_experiment(out: Path, specs: List[RunSpec], manifest: dict) -> N
         raise ValueError(f"{out} holds another experiment (different arms, seeds or base); use another --out")
     for spec in specs:
         saved = out / "configs" / f"{spec.name}.yaml"
-        if saved.is_file() and saved.read_text() != dump_yaml(spec.config):
+        if saved.is_file() and not _same_config(saved, spec.config):
             raise ValueError(f"{spec.name}: its config differs from this experiment's (changed base, overrides "
                              f"or arm keys); use another --out")
+
+
+def _same_config(saved: Path, cfg) -> bool:
+    """``saved`` (a configs/NAME.yaml) is ``cfg``, compared as configs rather than as text: a key added
+    to vitlab since it was written reads as its default (``with_defaults``), so an upgrade alone does
+    not make a comparison's finished runs foreign to it."""
+    from ..config import read_yaml, with_defaults
+
+    try:
+        return with_defaults(read_yaml(str(saved))) == cfg.to_dict()
+    except ValueError:  # unreadable: not this experiment's
+        return False
 
 
 def _check_data(spec: RunSpec, launcher: str, log: Callable[[str], None]) -> None:

@@ -68,10 +68,18 @@ class StringCayley(_StringBase):
             rows, cols = rows[idx], cols[idx]  # (H, keep)
         else:
             rows, cols = rows.expand(num_heads, -1), cols.expand(num_heads, -1)
-        self.register_buffer("rows", rows.contiguous(), persistent=False)
-        self.register_buffer("cols", cols.contiguous(), persistent=False)
+        # saved with the weights: a checkpoint loaded into a model built with another sparsity_seed (one
+        # made from config.yaml's model keys alone, say) takes the mask its entries of S belong to
+        self.register_buffer("rows", rows.contiguous())
+        self.register_buffer("cols", cols.contiguous())
         # Only the trainable entries are parameters: a sparse S has fewer parameters, not a masked dense one.
         self.a = nn.Parameter(torch.zeros(num_heads, rows.shape[-1]))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if prefix + "a" in state_dict:  # a checkpoint from before the mask was saved: the seeded mask it had
+            for name in ("rows", "cols"):
+                state_dict.setdefault(prefix + name, getattr(self, name))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def skew(self) -> torch.Tensor:
         """(H, d, d) skew-symmetric S with the trainable entries above the diagonal."""
