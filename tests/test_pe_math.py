@@ -732,6 +732,49 @@ def test_learned_pe_resize():
         pe.table[:, 1:] = torch.arange(8.0)  # constant over the grid, per channel
     torch.testing.assert_close(pe.resized((6, 5))[:, 1:], torch.arange(8.0).expand(1, 30, 8), rtol=0, atol=1e-5)
 
+    # resampled as timm resamples its own ViTs' tables (antialiased bicubic), so a vitlab learned arm and a
+    # timm arm of one resolution sweep follow one rule (plain bicubic differed by 50% at 4x4 -> 2x2)
+    from timm.layers import resample_abs_pos_embed
+    with torch.no_grad():
+        pe.table.normal_()
+    for shape in [(2, 2), (3, 3), (6, 5)]:
+        torch.testing.assert_close(pe.resized(shape), resample_abs_pos_embed(pe.table, list(shape), old_size=[4, 4],
+                                                                             num_prefix_tokens=1), rtol=0, atol=0)
+
+
+def test_backbone_init_is_the_same_whatever_the_pe_or_kernel():
+    """At one seed every arm's backbone (patch embedding, qkv, MLP, norms, head) starts from the same
+    weights: the PEs' and kernels' own random draws (RoPE-Mixed angles, STRING reflections, the
+    differential lambdas, a learned table) come from streams of their own. They shifted the global
+    stream, so 12 of 31 backbone tensors, qkv and head included, differed between arms."""
+    def backbone(**kw):
+        model = tiny_model(seed=3, token_pe=kw.pop("token_pe", "none"), **kw)
+        return {k: v for k, v in model.state_dict().items() if not any(p in k for p in ("qk_pe.", "kernel.", "token_pe."))}
+
+    plain = backbone(qk_pe="rope_axial")
+    for arm in [dict(qk_pe="rope_mixed"), dict(qk_pe="string_reflection"), dict(qk_pe="rope_axial", attn="differential"),
+                dict(qk_pe="none", token_pe="learned"), dict(qk_pe="pope", attn="suppression")]:
+        other = backbone(**arm)
+        assert other.keys() == plain.keys() and all(torch.equal(other[k], plain[k]) for k in plain), arm
+    assert not torch.equal(tiny_model(seed=4).blocks[0].attn.qkv.weight, tiny_model(seed=3).blocks[0].attn.qkv.weight)
+    mixed = [tiny_model(seed=s, qk_pe="rope_mixed").blocks[0].attn.qk_pe.freqs for s in (3, 3, 4)]
+    assert torch.equal(mixed[0], mixed[1]) and not torch.equal(mixed[0], mixed[2])  # the PE's own draws: seeded
+
+
+@pytest.mark.parametrize("token_pe", ["none", "sincos", "learned"])
+def test_residual_stream_is_float32_under_autocast_whatever_the_token_pe(token_pe):
+    """Under bf16 autocast the blocks add into a float32 stream for every token PE; with none or
+    sincos it stayed bf16 (the patch embedding's output), with a learned table float32: arms compared
+    at different precision."""
+    model = tiny_model(token_pe=token_pe, pool="mean", num_cls=0)
+    seen = []
+    model.blocks[0].register_forward_pre_hook(lambda mod, args: seen.append(args[0].dtype))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(torch.randn(2, 3, 16, 16))
+    assert seen == [torch.float32]
+    half = tiny_model(token_pe=token_pe).to(torch.bfloat16)  # a model cast to bf16 keeps a bf16 stream
+    assert half(torch.randn(2, 3, 16, 16, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
 
 @pytest.mark.parametrize("shape", [(3, 4), (2, 3, 2)])
 def test_sincos_table_by_hand(shape):

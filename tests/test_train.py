@@ -447,6 +447,11 @@ def test_top_k_ties_and_undefined_metrics():
     broken = logits.clone()
     broken[0, 0] = float("nan")
     assert classification_metrics(broken, labels, 10)["auroc_per_class"] == [None] * 10
+    # confident outputs: in float32 both positives' probabilities round to 1.0 and tie with the
+    # confidently wrong negative's (AUROC 0.75); ranked in float64 the classes separate perfectly
+    confident = torch.tensor([[0.0, 25.0], [0.0, 20.0], [0.0, 30.0], [5.0, 0.0]])
+    m = classification_metrics(confident, torch.tensor([1, 0, 1, 0]), 2)
+    assert m["auroc_per_class"] == [1.0, 1.0] and m["auroc_macro"] == 1.0
 
 
 @pytest.mark.parametrize("pool,num_cls,registers", [("cls", 1, 2), ("mean", 0, 2), ("mean", 0, 0)])

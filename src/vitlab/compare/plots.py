@@ -120,7 +120,7 @@ def confusions(finals: Dict[str, List[dict]], classes: List[str], path: Path) ->
 
 def roc_curves(runs: Dict[str, List[Path]], classes: List[str], path: Path) -> Optional[Path]:
     """One-vs-rest ROC per class (sklearn's ``roc_curve``), TPR interpolated on a common FPR grid
-    and averaged over seeds; one panel per arm. More than 10 classes: the macro average only."""
+    and averaged over seeds; one panel per arm. More than 11 classes: the macro average only."""
     from sklearn.metrics import roc_curve
 
     fpr_grid = np.linspace(0, 1, 201)

@@ -35,7 +35,8 @@ FINAL_ENTRIES = {"acc1": (int, float), "params": int, "flops": (int, float), "se
 
 
 def _is_fraction(v) -> bool:
-    """A metric value in [0, 1], or undefined (null / NaN: an AUROC over a class absent from the test set)."""
+    """A metric value in [0, 1], or undefined (null / NaN: an AUROC with one class only in the test
+    set, or over non-finite logits)."""
     return v is None or (is_number(v) and (math.isnan(v) or 0 <= v <= 1))
 
 
@@ -269,8 +270,9 @@ def ranking_table(rows: List[dict], metric: str) -> List[str]:
 
 
 def unmeasured_note(finished: List[dict], metric: str) -> str:
-    """The sentence naming finished runs whose ``metric`` is undefined (an AUROC over a class missing
-    from the test set): the ranking cannot count them, so it says which it left out."""
+    """The sentence naming finished runs whose ``metric`` is undefined (an AUROC with one class only
+    in the test set, or over non-finite logits): the ranking cannot count them, so it says which it
+    left out."""
     names = [r["name"] for r in finished if _metric_value(r["final"], metric) is None]
     if not names:
         return ""

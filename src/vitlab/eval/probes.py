@@ -3,7 +3,8 @@
 - ``resolution_sweep``: accuracy at other image sizes than trained (the relative PEs' promise:
   new coordinates, no retraining; learned tables are resized, sincos recomputed);
 - ``attention_summary``: where the last block looks, for a few test images;
-- ``save_predictions``: labels and class probabilities, from which the report draws ROC curves.
+- ``predictions.npz`` (written by the training loop's evaluation, ``save_npz``): labels and class
+  probabilities, from which the report draws ROC curves.
 
 Each writes plain arrays (``.npz``) or JSON-ready dicts into the run directory, the only interface
 between training and reporting.

@@ -1,9 +1,11 @@
 """The model's typed, frozen configuration: one source of truth for :func:`vitlab.create_model`."""
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Literal, Tuple, Union, get_args
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from .kernels import KERNELS
@@ -12,6 +14,18 @@ from .sizes import SIZES
 from .token_pe import TOKEN_PES
 
 Size = Union[int, Tuple[int, int], Tuple[int, int, int]]
+
+
+@contextlib.contextmanager
+def own_rng(stream: int):
+    """Random draws inside come from a stream of their own, seeded from the current seed and
+    ``stream``, and leave the global one where it was: the PE and kernel modules (RoPE-Mixed's
+    angles, STRING's reflections, the differential lambdas, a learned table) are built inside, so an
+    arm's backbone starts from the same weights as every other arm's at the same seed, and the
+    seed-paired comparison differs in the PE or kernel alone (their draws shifted the backbone's)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed((torch.initial_seed() + 1_000_003 * stream) % 2**63)
+        yield
 
 
 class NumbersNotBools(BaseModel):
@@ -104,7 +118,8 @@ class ModelConfig(NumbersNotBools):
         ]
         for what, build in checks:
             try:
-                build()
+                with own_rng(0):  # (their random draws, discarded, would move the model's initialisation)
+                    build()
             except (ValueError, TypeError, OverflowError) as err:  # OverflowError: int(inf) of a free-form option
                 raise ValueError(f"{what}: {err}") from None
             except (RuntimeError, MemoryError) as err:

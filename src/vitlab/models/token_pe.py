@@ -5,6 +5,7 @@ from typing import Tuple
 
 import torch
 import torch.nn.functional as F
+from timm.layers import resample_abs_pos_embed
 from torch import nn
 
 from ..registry import Registry
@@ -47,10 +48,13 @@ class LearnedPE(TokenPE):
     def resized(self, shape: Tuple[int, ...]) -> torch.Tensor:
         if tuple(shape) == self.grid_shape:
             return self.table
+        if len(shape) == 2:  # timm's own resampling (antialiased bicubic), as its ViTs resize theirs
+            return resample_abs_pos_embed(self.table, list(shape), old_size=list(self.grid_shape),
+                                          num_prefix_tokens=self.num_prefix)
+        # volumes: timm resamples 2D tables only; trilinear (torch has no antialiased 3D interpolation)
         prefix, patch = self.table[:, :self.num_prefix], self.table[:, self.num_prefix:]
-        patch = patch.reshape(1, *self.grid_shape, self.dim).movedim(-1, 1)  # (1, C, H, W[, D])
-        mode = "bicubic" if len(shape) == 2 else "trilinear"
-        patch = F.interpolate(patch.float(), size=tuple(shape), mode=mode, align_corners=False)
+        patch = patch.reshape(1, *self.grid_shape, self.dim).movedim(-1, 1).float()  # (1, C, H, W, D)
+        patch = F.interpolate(patch, size=tuple(shape), mode="trilinear", align_corners=False)
         patch = patch.to(self.table.dtype).flatten(2).transpose(1, 2)  # (1, N_patch', C)
         return torch.cat([prefix, patch], dim=1)
 

@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .attention import Attention
-from .config import ModelConfig
+from .config import ModelConfig, own_rng
 from .kernels import KERNELS
 from .positions import Grid, make_grid
 from .qk_base import QK_PES
@@ -58,10 +58,12 @@ class Block(nn.Module):
         super().__init__()
         ctx = dict(head_dim=cfg.head_dim, num_heads=cfg.heads, ndim=cfg.ndim, layer=layer, depth=cfg.depth)
         self.norm1 = nn.LayerNorm(cfg.dim, eps=1e-6)
-        self.attn = Attention(
-            cfg.dim, cfg.heads, qkv_bias=cfg.qkv_bias, proj_drop=cfg.drop,
-            qk_pe=QK_PES.build(cfg.qk_pe, cfg.qk_pe_kwargs, **ctx),
-            kernel=KERNELS.build(cfg.attn, cfg.attn_kwargs, attn_drop=cfg.attn_drop, **ctx))
+        with own_rng(2 * layer + 1):
+            qk_pe = QK_PES.build(cfg.qk_pe, cfg.qk_pe_kwargs, **ctx)
+        with own_rng(2 * layer + 2):
+            kernel = KERNELS.build(cfg.attn, cfg.attn_kwargs, attn_drop=cfg.attn_drop, **ctx)
+        self.attn = Attention(cfg.dim, cfg.heads, qkv_bias=cfg.qkv_bias, proj_drop=cfg.drop, qk_pe=qk_pe,
+                              kernel=kernel)
         self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(cfg.dim, eps=1e-6)
         self.mlp = Mlp(cfg.dim, int(cfg.dim * cfg.mlp_ratio), act_layer=nn.GELU, drop=cfg.drop)
@@ -81,8 +83,9 @@ class VisionTransformer(nn.Module):
         self.num_prefix = cfg.num_prefix
         self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, cfg.dim, cfg.patch_proj)
         self.prefix = nn.Parameter(torch.zeros(1, cfg.num_prefix, cfg.dim)) if cfg.num_prefix else None
-        self.token_pe = TOKEN_PES.build(cfg.token_pe, cfg.token_pe_kwargs, dim=cfg.dim,
-                                        grid_shape=cfg.grid_shape, num_prefix=cfg.num_prefix)
+        with own_rng(0):
+            self.token_pe = TOKEN_PES.build(cfg.token_pe, cfg.token_pe_kwargs, dim=cfg.dim,
+                                            grid_shape=cfg.grid_shape, num_prefix=cfg.num_prefix)
         self.pos_drop = nn.Dropout(cfg.drop)
         rates = torch.linspace(0, cfg.drop_path, cfg.depth).tolist()  # stochastic depth grows with depth
         self.blocks = nn.ModuleList([Block(cfg, i, rates[i]) for i in range(cfg.depth)])
@@ -133,6 +136,10 @@ class VisionTransformer(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
         tokens, shape = self.patch_embed(x)  # (B, N_patch, C)
+        # the residual stream in the weights' dtype, float32 under autocast whatever the token PE (a bf16
+        # patch embedding kept it bf16 with no PE or sincos, while a learned table's add made it float32:
+        # arms compared at different precision), as timm's stream is with its class token
+        tokens = tokens.to(self.norm.weight.dtype)
         grid = self.grid(shape, x.device)
         if self.prefix is not None:
             tokens = torch.cat([self.prefix.expand(tokens.shape[0], -1, -1).to(tokens.dtype), tokens], dim=1)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from .. import rundir
 from ..config import RunConfig, dump_yaml
-from ..eval.metrics import classification_metrics
+from ..eval.metrics import class_probabilities, classification_metrics
 from .augment import BatchAugment, check_dims, match_channels
 from . import distributed
 from .build import build_model, param_groups
@@ -601,7 +601,7 @@ def evaluate_run(out_dir, cfg, model, augment, test_feed, test_ds, num_classes, 
     e_cfg = cfg.eval
     if e_cfg.predictions and dinfo.is_main:
         probes.save_npz(out_dir / "predictions.npz", labels=test_labels.numpy().astype(np.int64),
-                        probs=logits.softmax(1).numpy().astype(np.float32))
+                        probs=class_probabilities(logits))
     img_size = tuple(mcfg.get("img_size") or test_ds.item_shape[1:])
     patch = mcfg.get("patch_size") or (1,) * len(img_size)
     patch = tuple(patch) if isinstance(patch, (list, tuple)) else (patch,) * len(img_size)
