@@ -90,8 +90,8 @@ def test_time_limit_stops_cleanly_and_evaluates(tmp_path):
 
 def test_fit_epochs_counts_what_the_time_left_holds():
     from vitlab.train.loop import fit_epochs
-    assert fit_epochs(16, 1, 40.0, 40.0, 570.0) == 14   # 1 done + 530 s / 40 s = 13 more
-    assert fit_epochs(16, 1, 30.0, 30.0, 570.0) == 16   # 18 more would fit: the plan stands
+    assert fit_epochs(16, 1, 40.0, 40.0, 570.0) == 13   # 1 done + 530 s / (40 s x 1.05 margin) = 12 more
+    assert fit_epochs(16, 1, 30.0, 30.0, 570.0) == 16   # 17 more would fit: the plan stands
     assert fit_epochs(16, 1, 600.0, 40.0, 570.0) == 2   # no time left: one more, for the cosine to come down in
     assert fit_epochs(1, 1, 600.0, 40.0, 570.0) == 1    # nothing planned beyond what is done
     assert fit_epochs(4, 1, 10.0, 0.0, 100.0) == 4      # no measurable epoch time: the plan stands
