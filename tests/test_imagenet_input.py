@@ -198,7 +198,7 @@ def test_eval_finds_the_runs_data_from_any_folder_and_refuses_other_images(tree,
     monkeypatch.chdir(work)
     small = ["data.name=imagefolder", "data.root=data", "data.options.classes=list.txt", "data.options.img_size=16",
              "model.patch_size=8", "model.dim=16", "model.depth=1", "model.heads=2", "train.epochs=1",
-             "train.batch_size=8", f"data.options.stream={stream}", "data.workers=0"]
+             "train.batch_size=6", f"data.options.stream={stream}", "data.workers=0"]
     assert main(["train", "fashion-mnist-quick", *small, "--out", str(tmp_path / "run"), "--quiet"]) == 0
     saved = (tmp_path / "run" / "config.yaml").read_text()
     assert f"root: {work / 'data'}" in saved and f"classes: {work / 'list.txt'}" in saved
