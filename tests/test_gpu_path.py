@@ -174,19 +174,23 @@ def test_bench_times_compiled_models():
     tracing takes far longer than a step at this size) apart, as its excess over the median step."""
     from vitlab.bench import format_table, run_bench
 
-    logged = []
-    result = run_bench(shape="string-mnist", variants=["rope_axial", "string_cayley"], batch=2, steps=1, warmup=1,
-                       compile=True, compile_backend="aot_eager",  # aot_eager: dynamo + autograd, no C++ compiler
-                       log=logged.append)
-    rows = {r["variant"]: r for r in result["rows"]}
-    assert result["compile"] == "aot_eager" and result["dtype"] == "float32"  # auto on CPU: fp32
-    row = rows["rope_axial"]
-    assert row["train_ms"] > 0 and row["infer_ms"] > 0 and row["params"] > 0
-    for k in ("rope_axial", "string_cayley"):
-        assert rows[k]["compile_s"] > 0 and rows[k]["infer_compile_s"] > 0
-        assert f"compiled {k} (train step) in " in "\n".join(logged)
-    folded = rows["string_cayley (folded)"]  # inference only
-    assert folded["infer_compile_s"] > 0 and "compile_s" not in folded
+    for attempt in range(2):  # the second bench in this process compiles cold again: nothing reused
+        logged = []
+        result = run_bench(shape="string-mnist", variants=["rope_axial", "string_cayley"], batch=2, steps=1,
+                           warmup=1, compile=True, compile_backend="aot_eager",  # dynamo + autograd, no C++
+                           log=logged.append)
+        rows = {r["variant"]: r for r in result["rows"]}
+        assert result["compile"] == "aot_eager" and result["dtype"] == "float32"  # auto on CPU: fp32
+        row = rows["rope_axial"]
+        assert row["train_ms"] > 0 and row["infer_ms"] > 0 and row["params"] > 0
+        for k in ("rope_axial", "string_cayley"):  # tracing takes > 10 steps' time at this size
+            assert rows[k]["compile_s"] > 10 * rows[k]["train_ms"] / 1e3
+            assert rows[k]["infer_compile_s"] > 10 * rows[k]["infer_ms"] / 1e3
+            assert f"compiled {k} (train step) in " in "\n".join(logged)
+    # The folded copy (inference only) runs the graphs dynamo compiled for rope_axial's code: no compile,
+    # so its first call's excess over the median is noise of either sign, reported as 0 or more.
+    folded = rows["string_cayley (folded)"]
+    assert 0 <= folded["infer_compile_s"] < rows["rope_axial"]["infer_compile_s"] / 10 and "compile_s" not in folded
     table = format_table(result)
     assert "torch.compile (aot_eager)" in table and "| compile s | infer compile s |" in table
     eager = run_bench(shape="string-mnist", variants=["none"], batch=2, steps=1, warmup=0)
