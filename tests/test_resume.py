@@ -2,6 +2,7 @@
 save a checkpoint and exit; unsafe or truncated checkpoints are refused; divergence is marked."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -58,8 +59,17 @@ def test_sigkill_right_after_a_mid_epoch_checkpoint_resumes_exactly(reference, t
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run ended before a mid-epoch checkpoint was seen"
     assert not (out / "final.json").exists()
+    # the same checkpoint as an older vitlab wrote it, without the gradient-norm sums: it resumes too
+    old = tmp_path / "old"
+    shutil.copytree(out, old)
+    state = torch.load(old / "checkpoints" / "last.pt", weights_only=True)
+    for key in ("grad_norm", "steps"):
+        del state["partial"]["sums"][key]
+    torch.save(state, old / "checkpoints" / "last.pt")
     assert main(["train", "--resume", str(out), "--quiet"]) == 0, where
     assert differences(ref, out) == [], where
+    assert main(["train", "--resume", str(old), "--quiet"]) == 0, where
+    assert differences(ref, old) == ["metrics.jsonl"], where  # that epoch's grad_norm: its later steps only
 
 
 def test_sigterm_saves_a_checkpoint_and_resume_matches(reference, tmp_path):
@@ -133,7 +143,7 @@ def test_divergence_after_good_epochs_keeps_the_last_good_checkpoint(tmp_path, c
     def flaky(*args):
         calls["n"] += 1
         loss = real(*args)
-        return loss * float("nan") if calls["n"] > 10 else loss  # 8 steps an epoch: NaN in epoch 2
+        return loss * float("nan") if calls["n"] > 10 else loss  # 7 steps an epoch (230 images): NaN in epoch 2
 
     monkeypatch.setattr(loop, "train_loss", flaky)
     run = tmp_path / "run"
@@ -148,6 +158,41 @@ def test_divergence_after_good_epochs_keeps_the_last_good_checkpoint(tmp_path, c
     assert state["run"]["epoch"] == 1 and state["partial"] is None
     assert all(torch.isfinite(v).all() for v in state["model"].values())
     assert [m["epoch"] for m in read_metrics(run / "metrics.jsonl")] == [1]
+
+
+def test_a_non_finite_gradient_with_a_finite_loss_stops_before_the_step(tmp_path, capsys, monkeypatch):
+    """Step 4 of epoch 2 has a finite loss but a NaN gradient. The optimizer step would write NaN into
+    every weight and the next step's loss would say so, one step late and blaming the wrong one: the
+    gradient's norm is checked before the step, and the weights of the last good epoch are kept."""
+    import vitlab.train.loop as loop
+
+    class NanGradient(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad * float("nan")
+
+    calls = {"n": 0}
+    real = loop.train_loss
+
+    def nan_gradient_at_step_11(*args):
+        calls["n"] += 1
+        loss = real(*args)
+        return NanGradient.apply(loss) if calls["n"] == 11 else loss  # 7 steps an epoch: epoch 2 step 4
+
+    monkeypatch.setattr(loop, "train_loss", nan_gradient_at_step_11)
+    run = tmp_path / "run"
+    code = main(["train", "fashion-mnist-quick", *SMALL, "train.epochs=3", "data.options.n_train=256",
+                 "train.clip_grad=null", "--out", str(run), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "diverged: gradient not finite at epoch 2 step 4" in err and err.count("\n") == 1, err
+    final = json.loads((run / "final.json").read_text())
+    assert final["status"] == "diverged" and final["best_epoch"] == 1 and 0 <= final["acc1"] <= 1
+    state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
 
 
 def test_weights_broken_by_an_epochs_last_steps_count_as_divergence(tmp_path, capsys, monkeypatch):

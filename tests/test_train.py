@@ -12,7 +12,7 @@ from vitlab.cli import main
 from vitlab.config import load_config
 from vitlab.train import train_run
 from vitlab.train.build import param_groups
-from vitlab.train.loop import lr_lambda
+from vitlab.train.loop import lr_lambda, read_metrics
 
 SYN = ["data.name=synthetic", "data.options.num_classes=4", "data.options.img_size=16", "data.options.n_train=384",
        "data.options.n_test=128", "model.patch_size=4", "model.dim=32", "model.depth=2", "model.heads=2",
@@ -21,6 +21,31 @@ SYN = ["data.name=synthetic", "data.options.num_classes=4", "data.options.img_si
 
 def syn_cfg(*extra):
     return load_config("fashion-mnist-quick", SYN + list(extra))
+
+
+def test_metrics_log_the_mean_gradient_norm_before_clipping(tmp_path, monkeypatch):
+    """metrics.jsonl's grad_norm is the mean over the epoch's steps of the norm clip_grad_norm_ returns
+    (the norm before clipping), clipped at train.clip_grad if set and measured (max_norm inf) if not."""
+    real = torch.nn.utils.clip_grad_norm_
+    seen = []
+
+    def recording(params, max_norm, *args, **kwargs):
+        norm = real(params, max_norm, *args, **kwargs)
+        seen.append((max_norm, float(norm)))
+        return norm
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", recording)
+    for clip, expected_max in (("null", math.inf), ("1e-3", 1e-3)):
+        seen.clear()
+        out = tmp_path / clip
+        train_run(syn_cfg("train.epochs=2", f"train.clip_grad={clip}"), out, progress=False)
+        lines = read_metrics(out / "metrics.jsonl")
+        steps = len(seen) // 2
+        assert len(seen) == 2 * steps > 0 and {m for m, _ in seen} == {expected_max}
+        for line, epoch in zip(lines, (seen[:steps], seen[steps:])):
+            assert line["grad_norm"] == pytest.approx(sum(n for _, n in epoch) / steps, rel=1e-12)
+        if expected_max < 1:  # the logged norms are before clipping
+            assert min(n for _, n in seen) > 10 * expected_max
 
 
 def test_train_writes_a_complete_run_directory(tmp_path):

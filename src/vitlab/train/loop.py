@@ -435,13 +435,13 @@ def train_run(cfg: RunConfig, out_dir: Path, *, resume: bool = False, progress: 
             ddp_model.train()
             if partial is not None:
                 p, partial = partial, None
-                order, step0, sums = p["order"], p["step"], dict(p["sums"])
+                order, step0, sums = p["order"], p["step"], {"grad_norm": 0.0, "steps": 0, **p["sums"]}
                 if not main:  # the saved running sums are the whole world's; rank 0 carries them
                     sums.update(loss=0.0, n=0)
             else:
                 order = epoch_order(len(feed), d_cfg.repeated_aug, order_gen)
                 order, step0 = order[: steps_per_epoch * per_step], 0
-                sums = {"loss": 0.0, "n": 0, "seconds": 0.0, "data": 0.0}
+                sums = {"loss": 0.0, "n": 0, "seconds": 0.0, "data": 0.0, "grad_norm": 0.0, "steps": 0}
             mine = order.view(-1, batch)[:, dinfo.slice(batch)].reshape(-1)
             batches = feed.batches(mine[step0 * t_cfg.accum_steps * (batch // dinfo.world):], batch // dinfo.world)
             bar = Progress(steps_per_epoch - step0, f"epoch {epoch + 1}/{run['epochs']}", progress and main)
@@ -470,20 +470,24 @@ def train_run(cfg: RunConfig, out_dir: Path, *, resume: bool = False, progress: 
                     if not bad:
                         sums["loss"] += value * x.shape[0]
                         sums["n"] += x.shape[0]
+                # The (all-reduced) gradient's norm, clipped to train.clip_grad if set: a finite loss can
+                # still give a non-finite gradient, which the optimizer step would write into every weight.
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), t_cfg.clip_grad or math.inf))
                 spent = time.perf_counter() - t0
                 if step == step0:
                     first_step = spent
                 # one small all-reduce per step so every rank takes the same decision
-                bad, signum, late, due = distributed.all_max(
-                    dinfo, bad, guard.signum, float(run["elapsed"] + sums["seconds"] + spent > deadline),
-                    float(time.perf_counter() - t_ckpt > every))
-                if bad:
-                    what = "not finite" if math.isinf(bad) else f"{bad:.3g} > {diverge_loss:.3g}"
-                    run["reason"] = f"diverged: loss {what} at epoch {epoch + 1} step {step + 1}"
+                bad, bad_grad, signum, late, due = distributed.all_max(
+                    dinfo, bad, float(not math.isfinite(grad_norm)), guard.signum,
+                    float(run["elapsed"] + sums["seconds"] + spent > deadline), float(time.perf_counter() - t_ckpt > every))
+                if bad or bad_grad:
+                    what = ("loss not finite" if math.isinf(bad) else f"loss {bad:.3g} > {diverge_loss:.3g}" if bad
+                            else "gradient not finite")
+                    run["reason"] = f"diverged: {what} at epoch {epoch + 1} step {step + 1}"
                     status = "diverged"
                     break
-                if t_cfg.clip_grad:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), t_cfg.clip_grad)
+                sums["grad_norm"] += grad_norm  # the same on every rank (all-reduced gradients)
+                sums["steps"] += 1
                 step_lr = optimizer.param_groups[0]["lr"]  # the lr this step used (logged for the epoch's last)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -526,7 +530,9 @@ def train_run(cfg: RunConfig, out_dir: Path, *, resume: bool = False, progress: 
                 break
             val = classification_metrics(val_logits, val_ds.labels, num_classes)
             line = {"epoch": epoch + 1, "train_loss": loss_sum / max(1, n_seen), "val_loss": val["loss"],
-                    "val_acc": val["acc1"], "lr": step_lr, "seconds": epoch_time,
+                    "val_acc": val["acc1"], "lr": step_lr,
+                    "grad_norm": sums["grad_norm"] / max(1, sums["steps"]),  # mean over the steps, before clipping
+                    "seconds": epoch_time,
                     "img_s": n_seen / max(epoch_time, 1e-9), "elapsed": run["elapsed"],
                     "data_share": sums["data"] / max(epoch_time, 1e-9)}  # host time getting and augmenting batches
             if main:
