@@ -94,7 +94,8 @@ def test_slurm_job_array_and_no_wait(tmp_path, monkeypatch, capsys):
     assert main(["compare", str(exp_file), "--out", str(out), "--launcher", "slurm", "--no-wait", "--jobs", "1",
                  "--partition", "gpu", "--gpus-per-run", "1", "--cpus-per-run", "4", "--time-min", "90",
                  "--mem-gb", "16", "--slurm-arg", "account=lab"]) == 0
-    assert "vitlab report" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "vitlab report" in captured.out and "on CPUs" not in captured.err
     script = (tmp_path / "submitted.sh").read_text()
     for line in ("--partition=gpu", "--gpus-per-node=1", "--cpus-per-task=4", "--time=90", "--mem=16GB",
                  "--account=lab", "--array=0-1%1", f"--output={(out / 'slurm').resolve()}"):
@@ -102,6 +103,10 @@ def test_slurm_job_array_and_no_wait(tmp_path, monkeypatch, capsys):
     records = json.loads((out / "slurm" / "jobs.json").read_text())
     assert {r["job_id"] for r in records.values()} == {"4242_0", "4242_1"}
     assert not (out / "runs" / "none-s0" / "final.json").exists()  # nothing ran here
+    # without --gpus-per-run the jobs ask Slurm for no GPU: said, as on a GPU cluster it is a slip
+    assert main(["compare", str(exp_file), "--out", str(tmp_path / "cpu"), "--launcher", "slurm", "--no-wait"]) == 0
+    assert "#SBATCH --gpus-per-node" not in (tmp_path / "submitted.sh").read_text()
+    assert "on CPUs (no GPU asked for: --gpus-per-run)" in capsys.readouterr().err
 
 
 def test_data_not_found_stops_a_local_comparison_but_only_warns_before_slurm_jobs(tmp_path, monkeypatch, capsys):
@@ -269,3 +274,55 @@ def _write(tmp_path, text):
     path = tmp_path / "exp.yaml"
     path.write_text(text)
     return path
+
+
+def test_a_jobs_run_outlives_slurms_time_limit_warning_and_saves_a_checkpoint_when_stopped(tmp_path):
+    """Slurm sends submitit's time-limit warning (SIGUSR2) to every process of the job step, the run's
+    too, whose default action for it is to die at once with its last minutes unsaved. The run ignores
+    it; the job's checkpoint() then stops it with SIGTERM, and it saves a checkpoint to resume from."""
+    import signal
+    import threading
+    import time
+
+    from vitlab.config import dump_yaml, load_config
+    from vitlab.compare.runner import RunJob, run_state
+
+    cfg = load_config("fashion-mnist-quick", [
+        "data.name=synthetic", "data.options.num_classes=4", "data.options.img_size=16", "data.options.n_train=512",
+        "model.patch_size=4", "model.dim=32", "model.depth=2", "model.heads=2", "train.batch_size=32",
+        "train.epochs=200"])
+    cfg_file, run = tmp_path / "run.yaml", tmp_path / "run"
+    cfg_file.write_text(dump_yaml(cfg))
+    job = RunJob(None, run, cfg_file, threads=1)
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(job()))
+    thread.start()
+    try:
+        deadline = time.time() + 120
+        while not ((run / "metrics.jsonl").is_file() and (run / "metrics.jsonl").read_text().strip()):
+            assert time.time() < deadline and thread.is_alive(), "the run did not finish an epoch"
+            time.sleep(0.1)
+        os.kill(job._proc.pid, signal.SIGUSR2)
+        time.sleep(1.0)
+        assert job._proc.poll() is None, "SIGUSR2 killed the run"
+        job.checkpoint()
+    finally:  # the run stops at its next step; a test that failed before stops it here
+        thread.join(timeout=90)
+        if thread.is_alive():
+            job._proc.kill()
+            thread.join()
+    assert result["returncode"] == 128 + signal.SIGTERM, result
+    assert run_state(run) == "partial" and json.loads((run / "status.json").read_text())["status"] == "interrupted"
+
+
+def test_threads_per_run_count_the_cpus_this_process_may_use(monkeypatch):
+    """Inside a Slurm allocation, a container's cpuset or taskset, os.cpu_count() still counts the whole
+    machine's CPUs: two runs at once each took half the machine's threads on a quarter of its CPUs."""
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    assert runner.usable_cpus() == 4
+    local = ClusterOptions()
+    assert runner.run_threads("local", local, jobs=2, procs=1) == 2
+    assert runner.run_threads("local", local, jobs=1, procs=1) == 0  # one run: torch's own default
+    assert runner.run_threads("local", local, jobs=8, procs=1) == 1
+    assert runner.run_threads("slurm", ClusterOptions(cpus_per_run=16), jobs=8, procs=2) == 8  # the job's own

@@ -21,8 +21,8 @@ CFG = ["data.name=synthetic", "data.options.num_classes=4", "data.options.img_si
 ENV = {**os.environ, "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}
 
 
-def torchrun(out, *extra, resume=False, launch=("--standalone", "--nproc_per_node", "2")):
-    cmd = [sys.executable, "-m", "torch.distributed.run", *launch, "-m", "vitlab", "train", "--quiet"]
+def torchrun(out, *extra, resume=False, launch=("--standalone", "--nproc_per_node", "2"), entry=("-m", "vitlab")):
+    cmd = [sys.executable, "-m", "torch.distributed.run", *launch, *entry, "train", "--quiet"]
     cmd += ["--resume", str(out)] if resume else ["fashion-mnist-quick", *CFG, *extra, "--out", str(out), "--force"]
     return cmd
 
@@ -94,6 +94,33 @@ def test_two_processes_match_one_process_with_the_same_global_batch(runs):
     assert f2["world_size"] == 2 and f1["world_size"] == 1
 
 
+def test_a_class_weighted_loss_on_two_processes_matches_one_process(tmp_path):
+    """Imbalanced classes (600/250/120/54) and train.class_weighted: each process's slice holds another
+    mix of classes, so the slices' own weighted means, averaged, were not the batch's weighted mean;
+    every process now divides by the whole batch's weight sum."""
+    import numpy as np
+
+    from vitlab.data.synthetic import render
+
+    gen = torch.Generator().manual_seed(0)
+    train = torch.cat([torch.full((n,), k) for k, n in enumerate((600, 250, 120, 54))])
+    train = train[torch.randperm(len(train), generator=gen)]
+    test = torch.arange(128) % 4
+    images = {part: render(labels, (16, 16), 1, 4, gen)[:, 0].numpy() for part, labels in (("train", train), ("test", test))}
+    np.savez(tmp_path / "imbalanced.npz", train_images=images["train"], train_labels=train.numpy()[:, None],
+             test_images=images["test"], test_labels=test.numpy()[:, None])
+    cfg = [a for a in CFG if not a.startswith("data.")] + [
+        "data.name=npz", f"data.root={tmp_path / 'imbalanced.npz'}", "data.hflip=false", "data.crop_pad=0",
+        "train.class_weighted=true"]
+    subprocess.run([sys.executable, "-m", "vitlab", "train", "fashion-mnist-quick", *cfg, "--out",
+                    str(tmp_path / "one"), "--quiet"], check=True, env=ENV, capture_output=True)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "vitlab", "train", "--quiet", "fashion-mnist-quick", *cfg, "--out", str(tmp_path / "two")],
+                          env=ENV, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert_same_training(tmp_path / "one", tmp_path / "two")
+
+
 def test_two_nodes_joined_by_a_c10d_rendezvous_train_the_same_run(runs, tmp_path):
     """Multi-node: two launchers (one process each, as on two machines) meet at a c10d rendezvous
     endpoint. Global ranks, not local ones (both are local rank 0), decide who writes and which
@@ -161,14 +188,78 @@ def test_sigterm_to_torchrun_checkpoints_and_resumes_exactly(runs, tmp_path):
     assert differences(runs / "two", out) == []
 
 
+COUNTING = """
+import atexit, os, sys
+import torch
+import torch.distributed as dist
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+from torch.nn.parallel import DistributedDataParallel
+
+counts = {"reduce": 0, "step": 0}
+init, step = DistributedDataParallel.__init__, torch.optim.AdamW.step
+
+def counting_init(self, *args, **kwargs):
+    init(self, *args, **kwargs)
+    def hook(state, bucket):
+        counts["reduce"] += 1
+        return allreduce_hook(state, bucket)
+    self.register_comm_hook(dist.group.WORLD, hook)
+
+def counting_step(self, *args, **kwargs):
+    counts["step"] += 1
+    return step(self, *args, **kwargs)
+
+DistributedDataParallel.__init__, torch.optim.AdamW.step = counting_init, counting_step
+atexit.register(lambda: print(f"rank {os.environ['RANK']}: {counts['reduce']} reduce {counts['step']} step", file=sys.stderr))
+from vitlab.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 def test_accumulated_steps_reduce_once_and_match_the_whole_batch(runs, tmp_path):
-    """Two processes x two micro-batches of 16 (gradients all-reduced once per step, under no_sync
-    before) equal one process taking the global batch of 64 at once: the loss is a mean over equal
-    slices, and this recipe draws no augmentation."""
+    """Two processes x two micro-batches of 16 equal one process taking the global batch of 64 at once:
+    the loss is a mean over equal slices, and this recipe draws no augmentation. The gradients are
+    all-reduced once per optimizer step (counted by a comm hook; this model's gradients fit one
+    bucket): the first micro-batch's forward pass ran outside no_sync, and DDP, which decides in the
+    forward pass, reduced every micro-batch."""
     out = tmp_path / "accum"
-    subprocess.run(torchrun(out, "train.batch_size=32", "train.accum_steps=2"), check=True, env=ENV,
-                   capture_output=True)
+    (tmp_path / "counting.py").write_text(COUNTING)
+    proc = subprocess.run(torchrun(out, "train.batch_size=32", "train.accum_steps=2",
+                                   entry=(str(tmp_path / "counting.py"),)), env=ENV, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    counted = sorted(line for line in proc.stderr.splitlines() if " reduce " in line)
+    steps = 2 * 1024 * 9 // 10 // 64  # 2 epochs of the 90% training share, whole batches of 64
+    assert counted == [f"rank {r}: {steps} reduce {steps} step" for r in (0, 1)], proc.stderr[-2000:]
     assert_same_training(runs / "one", out)
+
+
+FITTING = """
+import sys
+import vitlab.train.loop as loop
+fit = loop.fit_epochs
+
+def printing_fit(*args):
+    fitted = fit(*args)
+    print(f"fit_epochs{args} = {fitted}", file=sys.stderr)
+    return fitted
+
+loop.fit_epochs = printing_fit
+from vitlab.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_every_rank_fits_the_same_schedule_to_the_time_limit(tmp_path):
+    """train.time_limit_fit under torchrun: the ranks fit the schedule from the same numbers (each
+    rank's own clock differs by a millisecond or so; a rank that fitted another epoch count would
+    wait in an all-reduce the others never reach)."""
+    (tmp_path / "fitting.py").write_text(FITTING)
+    proc = subprocess.run(torchrun(tmp_path / "r", "train.time_limit_min=60", "train.time_limit_fit=true",
+                                   entry=(str(tmp_path / "fitting.py"),)),
+                          env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    calls = [line for line in proc.stderr.splitlines() if line.startswith("fit_epochs(")]
+    assert len(calls) == 2 and calls[0] == calls[1], calls
 
 
 def test_a_loss_past_the_divergence_limit_on_one_rank_stops_every_rank(tmp_path):

@@ -240,6 +240,31 @@ def test_cli_train_eval_other_resolution_and_resume(tmp_path, capsys):
     assert not (out / "predictions.npz").exists() and not (out / "attention.npz").exists()
 
 
+def test_a_forced_retrain_killed_while_it_starts_leaves_no_old_result_passing_for_it(tmp_path, monkeypatch):
+    """--force over a finished run, killed while writing the new run's env.json: the old status.json
+    and final.json said "finished" next to the new config.yaml, so a comparison took the old results
+    for the new config's. The old results go first."""
+    from vitlab import rundir
+    from vitlab.compare.runner import run_state
+
+    out = tmp_path / "run"
+    assert main(["train", "fashion-mnist-quick", *SYN, "train.epochs=1", "--out", str(out), "--quiet"]) == 0
+    assert run_state(out) == "finished"
+    real = rundir.write_json
+
+    def killed_at_env_json(path, *args, **kwargs):
+        if Path(path).name == "env.json":
+            raise KeyboardInterrupt  # what SIGKILL would leave: the files written so far
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(rundir, "write_json", killed_at_env_json)
+    assert main(["train", "fashion-mnist-quick", *SYN, "train.epochs=1", "model.qk_pe=pope", "--out", str(out),
+                 "--quiet", "--force"]) != 0
+    assert "pope" in (out / "config.yaml").read_text() or not (out / "config.yaml").exists()
+    assert run_state(out) != "finished"
+    assert not (out / "final.json").exists() and not (out / "checkpoints" / "best.pt").exists()
+
+
 def test_recipe_parts():
     f = lr_lambda(total_steps=100, warmup_steps=10, base_lr=1e-3, min_lr=1e-5)
     assert f(0) == 0 and f(9) == pytest.approx(0.9)  # the base lr once, at the warm-up's end (not twice)
@@ -527,6 +552,29 @@ def test_the_logged_lr_is_the_one_the_epoch_ended_with_and_weights_keep_their_sc
     w = torch.tensor([1.6, 0.4, 0.4, 0.4])
     hard = train_loss(logits, y, w, 0.0)
     assert float(train_loss(logits, torch.nn.functional.one_hot(y, 4).float(), w, 0.0)) == pytest.approx(float(hard))
+
+
+@pytest.mark.parametrize("soft", [False, True])
+def test_a_class_weighted_loss_split_over_processes_is_the_whole_batchs(soft):
+    """Under DDP each process weights its slice by the whole batch's sum_i w_i over the processes'
+    count (weight_sum), so the mean of the slices' gradients, which DDP takes, is the gradient of the
+    whole batch's weighted mean. Each slice's own weighted mean, averaged, is not."""
+    from vitlab.train.loop import target_weight, train_loss
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(8, 4, generator=gen, requires_grad=True)
+    y = torch.tensor([0, 0, 0, 1, 2, 3, 3, 0])
+    w = torch.tensor([0.4, 1.6, 1.6, 0.8])
+    if soft:  # MixUp within each slice, as the augmenter mixes within a process's batch
+        y = 0.7 * torch.nn.functional.one_hot(y, 4).float() + 0.3 * torch.nn.functional.one_hot(
+            torch.tensor([0, 3, 0, 1, 3, 2, 0, 3]), 4).float()
+    whole, = torch.autograd.grad(train_loss(logits, y, w, 0.1), logits)
+    per_process = target_weight(y, w) / 2
+    split = sum(torch.autograd.grad(train_loss(logits[s], y[s], w, 0.1, per_process), logits)[0]
+                for s in (slice(0, 4), slice(4, 8))) / 2
+    torch.testing.assert_close(split, whole)
+    own = sum(torch.autograd.grad(train_loss(logits[s], y[s], w, 0.1), logits)[0] for s in (slice(0, 4), slice(4, 8))) / 2
+    assert (own - whole).abs().max() > 1e-3
 
 
 def test_an_epoch_that_leaves_much_of_the_split_out_says_so(tmp_path):

@@ -51,6 +51,25 @@ def error_line(lines: List[str], fallback: str = "no message") -> str:
     return next((x for x in reversed(lines) if any(c.isalpha() for c in x)), fallback)
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on: its affinity mask (a Slurm allocation, a container's cpuset or
+    taskset narrow it; os.cpu_count() counts the whole machine's)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def run_threads(launcher: str, cluster: ClusterOptions, jobs: Optional[int], procs: int) -> int:
+    """torch threads per training process (0: torch's default): the job's CPUs over its processes on
+    Slurm (or submitit-local given --cpus-per-run), else this machine's usable CPUs over the
+    processes running at once, when more than one."""
+    if launcher == "slurm" or (launcher == "submitit-local" and cluster.cpus_per_run):
+        return max(1, cluster.cpus_per_run // procs) if cluster.cpus_per_run else 0  # the job's allocation
+    at_once = (jobs or 1) * procs
+    return max(1, usable_cpus() // at_once) if at_once > 1 else 0
+
+
 def _command(spec: RunSpec, run: Path, cfg_file: Path, threads: int, procs: int = 1) -> List[str]:
     """The one command that trains (or resumes) a run, whatever the launcher; ``procs`` > 1 trains it
     data-parallel under torchrun (``--standalone``: a free rendezvous port of its own on this host)."""
@@ -205,12 +224,7 @@ def _run_compare(exp, out, cluster, specs, manifest, extra, jobs, retry_failed, 
         raise ValueError(f"{len(in_flight)} run(s) of {out} are still queued or running as jobs: {ids}; wait for "
                          f"them (vitlab compare --launcher {next(iter(in_flight.values()))['launcher']} ...) or "
                          f"cancel them first")
-    # torch threads per process (0: torch's default)
-    if launcher == "slurm" or (launcher == "submitit-local" and cluster.cpus_per_run):
-        threads = max(1, cluster.cpus_per_run // procs) if cluster.cpus_per_run else 0  # the job's allocation
-    else:
-        at_once = (jobs or 1) * procs
-        threads = max(1, (os.cpu_count() or 1) // at_once) if at_once > 1 else 0
+    threads = run_threads(launcher, cluster, jobs, procs)
     todo = []
     for spec in specs:  # every run's config, the one `vitlab report` checks the run against
         run, cfg_file = out / "runs" / spec.name, out / "configs" / f"{spec.name}.yaml"
@@ -409,6 +423,15 @@ def check_launcher(launcher: str, cluster: Optional[ClusterOptions], wait: bool,
     return given
 
 
+def _ignore_usr2() -> None:
+    """In a job's run (and in torchrun's workers: an ignored signal stays ignored across exec): submitit
+    asks Slurm to warn a job before its time limit with SIGUSR2 (``--signal=USR2@90``), which Slurm
+    sends to every process of the job step. Its default action would kill the run at once, with up to
+    ``train.checkpoint_every_min`` of work unsaved, before :meth:`RunJob.checkpoint` could stop it with
+    SIGTERM, which saves a checkpoint at the next step."""
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+
+
 class RunJob(Checkpointable):
     """One run as a submitit job. It runs the command the local launcher runs (:func:`_command`),
     chosen when the job starts: a job requeued after a timeout or preemption resumes the run from
@@ -429,7 +452,7 @@ class RunJob(Checkpointable):
         print("vitlab job: " + " ".join(cmd), file=sys.stderr, flush=True)
         tail: collections.deque = collections.deque(maxlen=200)
         env = None if self.gpus is None else {**os.environ, "CUDA_VISIBLE_DEVICES": self.gpus}
-        self._proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
+        self._proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env, preexec_fn=_ignore_usr2)
         for line in self._proc.stderr:  # the job's log keeps the run's messages; the last line is the error
             sys.stderr.write(line)
             if line.strip():
@@ -504,6 +527,8 @@ def _executor(out: Path, launcher: str, cluster: ClusterOptions, jobs: Optional[
     params = {"name": f"vitlab-{Path(out).resolve().name}", "timeout_min": int(cluster.time_min), "nodes": 1,
               "tasks_per_node": 1, "gpus_per_node": int(gpus), "cpus_per_task": cluster.cpus_per_run,
               "mem_gb": cluster.mem_gb}
+    if launcher == "slurm" and not gpus:  # a CPU job script, with no GPU line: "--gpus-per-node=0" names a
+        del params["gpus_per_node"]       # GPU gres, which a cluster without GPUs may not define
     if launcher == "slurm":
         params.update(slurm_partition=cluster.partition, slurm_additional_parameters=dict(cluster.slurm_args) or None,
                       slurm_array_parallelism=jobs)
@@ -534,6 +559,8 @@ def _run_jobs(specs: List[RunSpec], todo: list, in_flight: Dict[str, dict], out:
         what = f"{len(todo)} to run as submitit local jobs" + (f" ({cap} at a time)" if wait else " (all at once)")
     if procs > 1:
         what += f", each on {procs} processes (torchrun)"
+    if launcher == "slurm" and not cluster.gpus_per_run:  # said, since on a GPU cluster it is a slip
+        what += ", on CPUs (no GPU asked for: --gpus-per-run)"
     visible: List[str] = []
     groups: List[str] = []
     if launcher == "submitit-local":

@@ -159,17 +159,29 @@ class Progress:
             print(line, file=sys.stderr, flush=True)
 
 
-def train_loss(logits: torch.Tensor, y: torch.Tensor, weight: Optional[torch.Tensor], smoothing: float) -> torch.Tensor:
+def target_weight(y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """sum_i w_i of a batch's targets: w_y for a hard label, the target's mix of class weights for a
+    soft one (MixUp/CutMix mix within the batch, so its sum is the hard labels')."""
+    return weight[y].sum() if y.dim() == 1 else (y.float() @ weight).sum()
+
+
+def train_loss(logits: torch.Tensor, y: torch.Tensor, weight: Optional[torch.Tensor], smoothing: float,
+               weight_sum: Optional[float] = None) -> torch.Tensor:
     """Cross-entropy in float32; hard labels get label smoothing, MixUp/CutMix's soft ones carry theirs.
 
     With class ``weight`` the loss is the weighted mean, sum_i w_i l_i / sum_i w_i, for soft targets
     too (w_i = the target's mix of class weights): torch's own weighted cross-entropy divides by the
     weights' sum for hard labels but by the batch size for soft ones, so a batch's loss would change
-    scale with MixUp/CutMix."""
-    if weight is None or y.dim() == 1:
-        return F.cross_entropy(logits.float(), y, weight=weight, label_smoothing=smoothing if y.dim() == 1 else 0.0)
-    per_item = F.cross_entropy(logits.float(), y, weight=weight, reduction="none")  # sum_c w_c y_c (-log p_c)
-    return per_item.sum() / (y.float() @ weight).sum()
+    scale with MixUp/CutMix. ``weight_sum`` replaces this batch's sum_i w_i: under DDP, the whole
+    batch's over the processes' count, so that the mean of the processes' gradients is the whole
+    batch's weighted mean (each slice's own weighted mean, averaged, is not)."""
+    if weight is None:
+        return F.cross_entropy(logits.float(), y, label_smoothing=smoothing if y.dim() == 1 else 0.0)
+    if y.dim() == 1:  # the sum reduction: torch's mean divides this by sum_i w_{y_i}
+        total = F.cross_entropy(logits.float(), y, weight=weight, label_smoothing=smoothing, reduction="sum")
+    else:
+        total = F.cross_entropy(logits.float(), y, weight=weight, reduction="none").sum()  # sum_c w_c y_c (-log p_c)
+    return total / (target_weight(y, weight) if weight_sum is None else weight_sum)
 
 
 class Interrupted(Exception):
@@ -399,15 +411,18 @@ def train_run(cfg: RunConfig, out_dir: Path, *, resume: bool = False, progress: 
             rundir.atomic_write_text(out_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in kept))
     elif main:
         rundir.make_dir(out_dir)  # one-line error for a file in the way or an unwritable parent
+        # --force over an old run: first mark it unfinished and remove its results, so that a process
+        # killed while the new files are written leaves no old final.json passing for this run's
+        rundir.set_status(out_dir, "running")
+        for stale in ("final.json", "checkpoints/best.pt", "checkpoints/last.pt", "predictions.npz",
+                      "attention.npz"):
+            (out_dir / stale).unlink(missing_ok=True)
         rundir.atomic_write_text(out_dir / "config.yaml", dump_yaml(cfg))
         rundir.write_json(out_dir / "env.json", {**rundir.environment(device), "world_size": dinfo.world})
         rundir.write_json(out_dir / "split.json", {**split_to_json(split), "source": bundle.source,
                                                    "classes": bundle.train.classes,
                                                    "test_sha256": dataset_digest(test_ds)})
         rundir.atomic_write_text(out_dir / "metrics.jsonl", "")
-        for stale in ("final.json", "checkpoints/best.pt", "checkpoints/last.pt", "predictions.npz",
-                      "attention.npz"):  # --force over an old run: nothing of it may pass for this one's
-            (out_dir / stale).unlink(missing_ok=True)
     if main:
         rundir.set_status(out_dir, "running")
     distributed.require_shared(dinfo, out_dir)  # each rank reads the checkpoints later
@@ -456,16 +471,20 @@ def train_run(cfg: RunConfig, out_dir: Path, *, resume: bool = False, progress: 
                     x, y = next(batches)
                     x, y = augment(x, y)
                     sums["data"] += time.perf_counter() - t_data
-                    with autocast():
-                        logits = step_model(x)
-                        loss = train_loss(logits, y, weight, t_cfg.label_smoothing)
-                    value = loss.item()
-                    if not math.isfinite(value) or value > diverge_loss:
-                        bad = value if math.isfinite(value) else math.inf
+                    weight_sum = None  # class weights under DDP: the whole batch's sum_i w_i, per process
+                    if dinfo.enabled and weight is not None:
+                        weight_sum = distributed.all_sum(dinfo, float(target_weight(y, weight)))[0] / dinfo.world
                     # every rank runs every backward pass, whatever its own loss: under DDP the gradient
                     # all-reduces must pair up across ranks (the step's all_max below decides for all);
-                    # the gradients are all-reduced once per step, at its last micro-batch
+                    # the gradients are all-reduced once per step, at its last micro-batch (DDP decides in
+                    # the forward pass whether the backward syncs: both run under no_sync)
                     with (ddp_model.no_sync() if dinfo.enabled and micro + 1 < t_cfg.accum_steps else nullcontext()):
+                        with autocast():
+                            logits = step_model(x)
+                            loss = train_loss(logits, y, weight, t_cfg.label_smoothing, weight_sum)
+                        value = loss.item()
+                        if not math.isfinite(value) or value > diverge_loss:
+                            bad = value if math.isfinite(value) else math.inf
                         (loss / t_cfg.accum_steps).backward()
                     if not bad:
                         sums["loss"] += value * x.shape[0]
@@ -554,8 +573,10 @@ def train_run(cfg: RunConfig, out_dir: Path, *, resume: bool = False, progress: 
                 steps_here = steps_per_epoch - step0  # this process's steps, timed without its first
                 per_epoch = ((epoch_time - sums["seconds"] - first_step) / (steps_here - 1) * steps_per_epoch
                              if steps_here > 1 else epoch_time)
-                per_epoch = distributed.all_max(dinfo, per_epoch)[0]  # the slowest rank's; all decide alike
-                fitted = fit_epochs(run["epochs"], 1, run["elapsed"], per_epoch, deadline)
+                # the slowest rank's epoch and clock (each rank's own differ by a little), so that every
+                # rank fits the same schedule: ranks with different ones would wait on each other for ever
+                per_epoch, elapsed = distributed.all_max(dinfo, per_epoch, run["elapsed"])
+                fitted = fit_epochs(run["epochs"], 1, elapsed, per_epoch, deadline)
                 if fitted < run["epochs"]:
                     set_schedule(scheduler, lr_curve(fitted))
                     run["epochs"] = fitted
