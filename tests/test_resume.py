@@ -118,7 +118,9 @@ def test_checkpoint_that_would_run_code_is_refused(tmp_path, capsys):
     assert main(["eval", str(run)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "refusing to load" in err and "execute code" in err
-    # a truncated checkpoint: a clear message, for eval and for resume
+    # a truncated checkpoint: a clear message, for eval and for resume (of a run not finished)
+    (run / "final.json").unlink()
+    (run / "status.json").write_text(json.dumps({"status": "interrupted"}))
     data = (run / "checkpoints" / "last.pt").read_bytes()
     (run / "checkpoints" / "last.pt").write_bytes(data[: len(data) // 2])
     assert main(["train", "--resume", str(run), "--quiet"]) == 2

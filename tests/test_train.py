@@ -265,6 +265,47 @@ def test_a_forced_retrain_killed_while_it_starts_leaves_no_old_result_passing_fo
     assert not (out / "final.json").exists() and not (out / "checkpoints" / "best.pt").exists()
 
 
+def test_resume_refuses_a_finished_run_and_data_that_changed(tmp_path, monkeypatch, capsys):
+    """--resume of a finished run evaluated it again and overwrote final.json (on changed data: acc1
+    1.0 -> 0.0, still "finished"); an unfinished run resumed on changed data trained on other images.
+    Both are refused, in one line, before anything is written."""
+    import numpy as np
+
+    from vitlab.data.synthetic import render
+
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.arange(192) % 4
+    images = render(labels, (16, 16), 1, 4, gen)[:, 0].numpy()
+    data = tmp_path / "d.npz"
+    np.savez(data, train_images=images[:128], train_labels=labels[:128].numpy(), test_images=images[128:],
+             test_labels=labels[128:].numpy())
+    cfg = [a for a in SYN if not a.startswith("data.")] + ["data.name=npz", f"data.root={data}", "train.epochs=2"]
+    done = tmp_path / "done"
+    assert main(["train", "fashion-mnist-quick", *cfg, "--out", str(done), "--quiet"]) == 0
+    capsys.readouterr()
+    kept = {p: p.read_bytes() for p in done.rglob("*") if p.is_file() and p.name != ".lock"}
+    assert main(["train", "--resume", str(done)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "has finished (final.json); nothing to resume" in err, err
+    assert {p: p.read_bytes() for p in kept} == kept
+
+    cut = tmp_path / "cut"
+    killed_after_epoch_1(load_config("fashion-mnist-quick", cfg), cut, monkeypatch)
+    for part in ("train", "test"):  # other labels for the same images: the same indices, other data
+        changed = {k: v for k, v in np.load(data).items()}
+        changed[f"{part}_labels"] = (changed[f"{part}_labels"] + 1) % 4
+        np.savez(data, **changed)
+        kept = {p: p.read_bytes() for p in cut.rglob("*") if p.is_file() and p.name not in (".lock", "status.json")}
+        assert main(["train", "--resume", str(cut), "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "differs from the run's split.json" in err and "resuming would" in err, err
+        assert {p: p.read_bytes() for p in kept} == kept  # checkpoint, metrics, config: as they were
+        assert "differs from the run's split.json" in json.loads((cut / "status.json").read_text())["reason"]
+        changed[f"{part}_labels"] = (changed[f"{part}_labels"] + 3) % 4  # the data it started with again
+        np.savez(data, **changed)
+    assert main(["train", "--resume", str(cut), "--quiet"]) == 0
+
+
 def test_recipe_parts():
     f = lr_lambda(total_steps=100, warmup_steps=10, base_lr=1e-3, min_lr=1e-5)
     assert f(0) == 0 and f(9) == pytest.approx(0.9)  # the base lr once, at the warm-up's end (not twice)

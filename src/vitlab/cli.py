@@ -214,6 +214,11 @@ def cmd_train(args) -> int:
                              f"{', '.join(given)} (to change the config, start a new run with --out)")
         if not (run_dir / "config.yaml").is_file():
             raise FileNotFoundError(f"--resume {run_dir}: no config.yaml there (not a vitlab run directory)")
+        from .compare.runner import run_state
+
+        if run_state(run_dir) == "finished":  # resuming would evaluate it again and overwrite final.json
+            raise ValueError(f"--resume {run_dir}: the run has finished (final.json); nothing to resume "
+                             f"(`vitlab eval {run_dir}` evaluates it again without rewriting it)")
         with _run_lock(run_dir):  # first: a run still loading its data has no checkpoint yet
             if not (run_dir / "checkpoints" / "last.pt").is_file():
                 raise FileNotFoundError(f"--resume {run_dir}: no checkpoints/last.pt to resume from")

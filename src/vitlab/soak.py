@@ -82,6 +82,15 @@ def killed_run(out: Path, config: str, overrides: List[str], kills: int, wall: f
     the remaining training (``wall`` is an uninterrupted run's time), so kills land in training,
     evaluation and checkpoint writing alike. Returns the kills delivered (a kill drawn after the
     process already ended is not counted, and the run starts over)."""
+    from .compare.runner import run_state
+
+    def start_over(why: str) -> bool:
+        """A run that finished before its kill: start over so every drawn kill lands in a live run."""
+        log(f"{why}; restarting from scratch")
+        for f in ("final.json", "status.json"):
+            (out / f).unlink(missing_ok=True)
+        return False
+
     rng = random.Random(seed)
     delivered, started = 0, False
     while True:
@@ -100,14 +109,13 @@ def killed_run(out: Path, config: str, overrides: List[str], kills: int, wall: f
             proc.wait(timeout=delay)
             if proc.returncode != 0:
                 raise RuntimeError(f"run failed: {proc.stderr.read().decode().strip().splitlines()[-1:]}")
-            # finished before the kill: start over so every drawn kill lands in a live run
-            log(f"run ended before a kill at {delay:.2f}s; restarting from scratch")
-            for f in ("final.json", "status.json"):
-                (out / f).unlink(missing_ok=True)
-            started = False
+            started = start_over(f"run ended before a kill at {delay:.2f}s")
         except subprocess.TimeoutExpired:
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait()
+            if run_state(out) == "finished":  # killed on its way out, after final.json: nothing to resume
+                started = start_over(f"run finished before the kill at {delay:.2f}s")
+                continue
             delivered += 1
             log(f"kill {delivered}/{kills} at {delay:.2f}s ({progress(out)[1]})")
 

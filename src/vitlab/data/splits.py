@@ -188,6 +188,34 @@ def dataset_digest(ds) -> str:
     return h.hexdigest()
 
 
+def check_split(run: Path, split: Dict[str, object], classes: List[str], test, pool=None, *, doing: str) -> None:
+    """The split rebuilt here must be the run's (``split.json``): otherwise the data changed since the
+    run started (another copy, another version, another class list), and ``doing`` (what would follow:
+    "eval would score other images") would be wrong. A carved test set is checked by its indices, an
+    official one by its fingerprint (:func:`dataset_digest`; runs from before split.json held one: by
+    its classes). Given the training ``pool``, the train and val indices and the pool's fingerprint
+    (where split.json holds one) are checked too."""
+    import json
+
+    path = Path(run) / "split.json"
+    if not path.is_file():
+        return
+    try:
+        saved = json.loads(path.read_text())
+    except ValueError:
+        raise ValueError(f"{path}: not valid JSON; cannot check that the data is the run's") from None
+    rebuilt = None if split["test"] is None else split["test"].tolist()
+    digest = dataset_digest(test)
+    same = (isinstance(saved, dict) and saved.get("test") == rebuilt and saved.get("classes", classes) == classes
+            and saved.get("test_sha256", digest) == digest)
+    if same and pool is not None:
+        same = (all(saved.get(k) == torch.as_tensor(split[k]).tolist() for k in ("train", "val"))
+                and ("pool_sha256" not in saved or saved["pool_sha256"] == dataset_digest(pool)))
+    if not same:
+        raise ValueError(f"{run}: the split rebuilt from the data differs from the run's split.json: the data "
+                         f"changed since the run started (another copy or version?); {doing}")
+
+
 def split_from_json(d: Dict[str, object]) -> Dict[str, object]:
     """The inverse of :func:`split_to_json`: index lists back to int64 tensors."""
     missing = [k for k in _KEYS if k not in d]

@@ -9,7 +9,7 @@ import torch
 
 from .. import rundir
 from ..data.base import int_sizes
-from ..data.splits import dataset_digest
+from ..data.splits import check_split
 from ..config import deep_merge, parse_overrides, read_yaml, validate
 from ..eval.metrics import classification_metrics
 from .augment import BatchAugment
@@ -48,7 +48,7 @@ def eval_run(run_dir: str, overrides: Optional[List[str]] = None, *, checkpoint:
                         dedupe_threshold=d.dedupe_threshold, check_leakage=False)  # the split training made
     test = bundle.test if split["test"] is None else bundle.train.subset(split["test"])
     if not set(extra.get("data", {})) - {"root", "workers"}:  # the run's data (perhaps another copy of it)
-        _check_split(run, split, bundle.train.classes, test)
+        check_split(run, split, bundle.train.classes, test, doing="eval would score other images")
     num_classes = len(bundle.train.classes)
     data_size = tuple(test.item_shape[1:])
     trained = read_yaml(str(run / "config.yaml")).get("model", {})
@@ -91,22 +91,3 @@ def _trained_precision(run: Path, cfg, device: torch.device) -> str:
     return resolve_precision(cfg.train.precision, device)
 
 
-def _check_split(run: Path, split: dict, classes: List[str], test) -> None:
-    """The test set rebuilt here must be the run's (split.json): otherwise the data changed since
-    training (another copy, another version, another class list), and the numbers would be for
-    other images. A carved test set is checked by its indices, an official one by its
-    fingerprint (labels and pixels or file names; runs from before split.json held one: by its classes)."""
-    path = run / "split.json"
-    if not path.is_file():
-        return
-    try:
-        saved = json.loads(path.read_text())
-    except ValueError:
-        raise ValueError(f"{path}: not valid JSON; cannot check that eval uses the run's test set") from None
-    rebuilt = None if split["test"] is None else split["test"].tolist()
-    digest = dataset_digest(test)
-    same = (isinstance(saved, dict) and saved.get("test") == rebuilt and saved.get("classes", classes) == classes
-            and saved.get("test_sha256", digest) == digest)
-    if not same:
-        raise ValueError(f"{run}: the test split rebuilt from the data differs from the run's split.json: the data "
-                         f"changed since training (another copy or version?); eval would score other images")

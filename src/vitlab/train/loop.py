@@ -283,6 +283,7 @@ def train_run(cfg: RunConfig, out_dir: Path, *, resume: bool = False, progress: 
     its last checkpoint ends with the same weights and metrics as one never stopped (same machine
     and thread count). Under torchrun it trains data-parallel (see ``distributed``)."""
     from ..data import dataset_digest, load_dataset, make_splits, split_to_json
+    from ..data.splits import check_split
 
     out_dir = Path(out_dir)
     t_cfg, d_cfg = cfg.train, cfg.data
@@ -310,6 +311,9 @@ def train_run(cfg: RunConfig, out_dir: Path, *, resume: bool = False, progress: 
     train_ds = bundle.train.subset(split["train"])
     val_ds = bundle.train.subset(split["val"])
     test_ds = bundle.test if split["test"] is None else bundle.train.subset(split["test"])
+    if resume:  # the run goes on with the data it started with, or not at all
+        check_split(out_dir, split, bundle.train.classes, test_ds, pool=bundle.train,
+                    doing="resuming would train it on other images and score it on others")
     num_classes = len(bundle.train.classes)
     in_chans, data_size = train_ds.item_shape[0], tuple(train_ds.item_shape[1:])
     check_dims(d_cfg, len(data_size))
@@ -421,7 +425,8 @@ def train_run(cfg: RunConfig, out_dir: Path, *, resume: bool = False, progress: 
         rundir.write_json(out_dir / "env.json", {**rundir.environment(device), "world_size": dinfo.world})
         rundir.write_json(out_dir / "split.json", {**split_to_json(split), "source": bundle.source,
                                                    "classes": bundle.train.classes,
-                                                   "test_sha256": dataset_digest(test_ds)})
+                                                   "test_sha256": dataset_digest(test_ds),
+                                                   "pool_sha256": dataset_digest(bundle.train)})
         rundir.atomic_write_text(out_dir / "metrics.jsonl", "")
     if main:
         rundir.set_status(out_dir, "running")
