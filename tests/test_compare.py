@@ -577,3 +577,28 @@ def test_a_comparison_saved_before_a_config_key_existed_is_still_this_experiment
     edited.write_text(edited.read_text().replace("lr: 0.002", "lr: 0.003"))
     assert main(["compare", str(exp_file), "--out", str(out), "--quiet"]) == 2
     assert "none-s0: its config differs from this experiment's" in capsys.readouterr().err
+
+
+def test_a_run_trained_with_another_config_is_refused_before_anything_trains(tmp_path, capsys):
+    """A run retrained by hand (`vitlab train ... --force`) into a comparison, with another lr: the
+    dry run listed it as "skip finished", and compare trained every other run before the report
+    refused it. Its own config.yaml is now checked first. A damaged experiment.json (which made
+    compare fail with a traceback, though the report said to rerun compare) is rewritten."""
+    exp_file, out = tmp_path / "exp.yaml", tmp_path / "out"
+    exp_file.write_text(EXP.replace("seeds: 2", "seeds: 1").replace("train.epochs: 2", "train.epochs: 1"))
+    assert main(["compare", str(exp_file), "--out", str(out), "--quiet"]) == 0
+    capsys.readouterr()
+    for damaged in ("[1]", '{"base": "x"}', ""):
+        (out / "experiment.json").write_text(damaged)
+        assert main(["compare", str(exp_file), "--out", str(out), "--quiet"]) == 0, capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert "experiment.json" in err and "rewriting it" in err, err
+        assert json.loads((out / "experiment.json").read_text())["base"] == "fashion-mnist-quick"
+    run = out / "runs" / "none-s0"
+    assert main(["train", str(out / "configs" / "none-s0.yaml"), "train.lr=0.01", "--out", str(run), "--force",
+                 "--quiet"]) == 0
+    capsys.readouterr()
+    for argv in (["--dry-run"], []):
+        assert main(["compare", str(exp_file), "--out", str(out), "--quiet", *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"{run}: trained with train.lr=0.01" in err and "delete it" in err, err

@@ -291,7 +291,9 @@ def cmd_compare(args) -> int:
     check_output_dir(out)
     if args.dry_run:
         return _print_plan(exp, out, args)
-    log = (lambda m: print(m, file=sys.stderr, flush=True)) if not args.quiet else (lambda m: None)
+    def log(m: str) -> None:  # --quiet: no progress lines, but warnings still
+        if not args.quiet or m.startswith("warning:"):
+            print(m, file=sys.stderr, flush=True)
     states = run_compare(exp, out, extra=args.overrides, jobs=args.jobs, retry_failed=args.retry_failed, log=log,
                          launcher=args.launcher, cluster=_cluster_options(args), wait=not args.no_wait,
                          procs=args.procs_per_run)

@@ -92,32 +92,54 @@ def _manifest(exp: Experiment, specs: List[RunSpec], extra: Optional[List[str]])
             "runs": [{"name": s.name, "arm": s.arm, "point": s.point, "seed": s.seed} for s in specs]}
 
 
-def _check_same_experiment(out: Path, specs: List[RunSpec], manifest: dict) -> None:
+def _check_same_experiment(out: Path, specs: List[RunSpec], manifest: dict, log: Callable[[str], None]) -> None:
     """A comparison directory already there must hold this experiment: the same runs, and each run's
-    saved config the one this experiment asks for (so a finished run is never reused for another)."""
-    previous = out / "experiment.json"
-    if not previous.is_file():
-        return
-    old = json.loads(previous.read_text())
-    if {r["name"] for r in old["runs"]} != {r["name"] for r in manifest["runs"]} or old["base"] != manifest["base"]:
-        raise ValueError(f"{out} holds another experiment (different arms, seeds or base); use another --out")
+    saved config the one this experiment asks for (so a finished run is never reused for another),
+    both its configs/NAME.yaml and, for a run that would be skipped or resumed, the config.yaml it
+    trained with (a launcher's own keys, train.threads and train.device, aside). A damaged
+    experiment.json is rewritten: the runs are still checked one by one."""
+    from .report import LAUNCH_KEYS, _flat, read_manifest
+
+    if (out / "experiment.json").is_file():
+        try:
+            old = read_manifest(out)
+        except ValueError as err:
+            log(f"warning: {str(err).split('; rerun')[0]}; rewriting it (the runs are checked by their configs)")
+        else:
+            if {r["name"] for r in old["runs"]} != {r["name"] for r in manifest["runs"]} or old["base"] != manifest["base"]:
+                raise ValueError(f"{out} holds another experiment (different arms, seeds or base); use another --out")
     for spec in specs:
         saved = out / "configs" / f"{spec.name}.yaml"
         if saved.is_file() and not _same_config(saved, spec.config):
             raise ValueError(f"{spec.name}: its config differs from this experiment's (changed base, overrides "
                              f"or arm keys); use another --out")
+        run = out / "runs" / spec.name
+        if run_state(run) in ("finished", "partial", "failed") and (run / "config.yaml").is_file():
+            got, want = _flat(_config_dict(run / "config.yaml")), _flat(spec.config.to_dict())
+            differ = sorted(k for k in set(got) | set(want) if k not in LAUNCH_KEYS and got.get(k) != want.get(k))
+            if differ:
+                k = differ[0]
+                raise ValueError(f"{run}: trained with {k}={got.get(k)!r}, but this experiment gives run {spec.name} "
+                                 f"{k}={want.get(k)!r}: a run directory from another arm or comparison; delete it "
+                                 f"to train it again, or use another --out")
+
+
+def _config_dict(path: Path) -> dict:
+    """A saved run config as a dict, keys added to vitlab since it was written at their defaults
+    (``with_defaults``); {} if unreadable (which then differs from any experiment's)."""
+    from ..config import read_yaml, with_defaults
+
+    try:
+        return with_defaults(read_yaml(str(path)))
+    except ValueError:
+        return {}
 
 
 def _same_config(saved: Path, cfg) -> bool:
     """``saved`` (a configs/NAME.yaml) is ``cfg``, compared as configs rather than as text: a key added
     to vitlab since it was written reads as its default (``with_defaults``), so an upgrade alone does
     not make a comparison's finished runs foreign to it."""
-    from ..config import read_yaml, with_defaults
-
-    try:
-        return with_defaults(read_yaml(str(saved))) == cfg.to_dict()
-    except ValueError:  # unreadable: not this experiment's
-        return False
+    return _config_dict(saved) == cfg.to_dict()
 
 
 def _check_data(spec: RunSpec, launcher: str, log: Callable[[str], None]) -> None:
@@ -146,7 +168,7 @@ def _prepare(exp: Experiment, out: Path, extra: Optional[List[str]], launcher: s
     cluster = check_launcher(launcher, cluster, wait, jobs=jobs, procs=procs)
     specs = exp.runs(extra)
     manifest = _manifest(exp, specs, extra)
-    _check_same_experiment(out, specs, manifest)
+    _check_same_experiment(out, specs, manifest, log)
     _check_data(specs[0], launcher, log)
     limits = sorted({s.config.train.time_limit_min for s in specs if s.config.train.time_limit_min})
     if limits:
