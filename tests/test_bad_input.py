@@ -30,6 +30,8 @@ CASES = [
     (dict(pool="cls", num_cls=0), ["num_cls"]),
     (dict(pool="max"), ["pool", "cls", "mean"]),
     (dict(mlp_ratio=-1), ["mlp_ratio"]),
+    (dict(mlp_ratio=1e308), ["mlp_ratio", "hidden units"]),  # was an OverflowError
+    (dict(attn="eager", attn_kwargs={"check": "maybe"}), ["check", "true or false"]),
     (dict(depth=0), ["depth"]),
     (dict(colour=True), ["colour", "unknown key"]),
 ]

@@ -113,7 +113,7 @@ class TrainSection(NumbersNotBools):
     lr: float = Field(1e-3, gt=0)
     min_lr: float = Field(1e-5, ge=0)
     weight_decay: float = Field(0.05, ge=0)
-    warmup_epochs: float = Field(1.0, ge=0)
+    warmup_epochs: float = Field(1.0, ge=0, le=1e6)  # (bounded: x steps per epoch, it must stay a number)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     class_weighted: bool = False
     clip_grad: Optional[float] = Field(None, gt=0)  # DeiT/timm clip nothing by default; a preset may
@@ -465,6 +465,9 @@ def validate(raw: dict) -> RunConfig:
             # else (null, text, ...): no stand-in; the model config names the bad patch_size
         mcfg = cfg.model_cfg(**derived)
         _check_resolutions(cfg.eval.resolutions, mcfg.patch_size)
+        from .train.augment import check_dims  # (training checks the data's own dimensionality again)
+
+        check_dims(cfg.data, len(mcfg.img_size))  # 2D-only augmentation of volumes: before any run starts
     elif str(name).startswith("timm:"):
         _check_timm(cfg.model)
     else:

@@ -91,9 +91,10 @@ class ModelConfig(NumbersNotBools):
         object.__setattr__(self, "patch_size", patch)
         if self.dim % self.heads:
             raise ValueError(f"dim={self.dim} is not divisible by heads={self.heads}")
-        if int(self.dim * self.mlp_ratio) < 1:  # timm's Mlp would take 0 hidden units as "dim" silently
-            raise ValueError(f"mlp_ratio={self.mlp_ratio} gives dim x mlp_ratio = {self.dim * self.mlp_ratio:g} < 1 "
-                             f"hidden unit")
+        hidden = self.dim * self.mlp_ratio  # (inf for a huge ratio: int() of it was an OverflowError)
+        if not 1 <= hidden <= 2 ** 31:  # timm's Mlp would take 0 hidden units as "dim" silently
+            raise ValueError(f"mlp_ratio={self.mlp_ratio} gives dim x mlp_ratio = {hidden:g} hidden units; "
+                             f"expected 1 to 2^31")
         if self.pool == "cls" and self.num_cls < 1:
             raise ValueError("pool='cls' needs num_cls >= 1 (or use pool='mean')")
         for reg, name in ((TOKEN_PES, self.token_pe), (QK_PES, self.qk_pe), (KERNELS, self.attn)):

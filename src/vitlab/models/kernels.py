@@ -133,21 +133,27 @@ class Standard(Kernel):
 
 @KERNELS.register("eager", "the same arithmetic written out; can verify its maps and log Q/K/V/A/O shapes")
 class Eager(Kernel):
-    """Options: ``check`` (raise if an attention row does not sum to 1 within 1e-4),
-    ``log_shapes`` (log the shapes of Q, K, V, A, O at INFO on logger ``vitlab.attention``)."""
+    """Options: ``check`` (raise if an attention row does not sum to 1 within 1e-4, or within the
+    maps' dtype's epsilon where that is coarser: a row of bf16 probabilities, each rounded by up to
+    eps/2 of itself, sums to 1 within eps/2), ``log_shapes`` (log the shapes of Q, K, V, A, O at INFO
+    on logger ``vitlab.attention``)."""
 
     def __init__(self, *, head_dim, num_heads, ndim, layer=0, depth=1, attn_drop=0.0,
                  check: bool = False, log_shapes: bool = False):
         super().__init__(head_dim=head_dim, num_heads=num_heads, ndim=ndim, layer=layer, depth=depth,
                          attn_drop=attn_drop)
-        self.check, self.log_shapes = bool(check), bool(log_shapes)
+        for name, value in (("check", check), ("log_shapes", log_shapes)):
+            if not isinstance(value, bool):
+                raise ValueError(f"attn_kwargs.{name}={value!r}; expected true or false")
+        self.check, self.log_shapes = check, log_shapes
 
     def forward(self, q, k, v, scale, grid):
         a = self.probs(q, k, scale, grid)
         if self.check:
             err = (a.float().sum(-1) - 1).abs().max().item()
-            if err > 1e-4:
-                raise RuntimeError(f"layer {self.layer}: attention rows sum to 1 +- {err:.2e} (> 1e-4)")
+            tol = max(1e-4, torch.finfo(a.dtype).eps)
+            if not err <= tol:  # (NaN too)
+                raise RuntimeError(f"layer {self.layer}: attention rows sum to 1 +- {err:.2e} (> {tol:.0e}, {a.dtype})")
         o = F.dropout(a, self.attn_drop, self.training) @ v.to(a.dtype)
         if self.log_shapes:
             log.info("layer %d: Q %s K %s V %s A %s O %s", self.layer, *(tuple(t.shape) for t in (q, k, v, a, o)))
