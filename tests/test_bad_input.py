@@ -24,6 +24,7 @@ CASES = [
     (dict(attn="suppression", attn_kwargs={"kernel_size": 2}), ["kernel_size", "odd"]),
     (dict(qk_pe="string_cayley", qk_pe_kwargs={"sparsity": 0}), ["sparsity", "(0, 1]"]),
     (dict(qk_pe="string_reflection", qk_pe_kwargs={"reflections": 0}), ["reflections"]),
+    (dict(qk_pe="string_reflection", qk_pe_kwargs={"reflections": 2.5}), ["reflections", "whole number", "2.5"]),
     (dict(qk_pe="rope_axial", qk_pe_kwargs={"thetaa": 5}), ["thetaa", "theta"]),
     (dict(qk_pe="rope_axial", qk_pe_kwargs={"axis_pairs": (1, 2)}), ["axis_pairs"]),
     (dict(patch_size=(4, 4, 2)), ["patch_size", "axes"]),

@@ -362,6 +362,7 @@ def broken_run_config(ctx: Ctx) -> None:
     text = (run / "config.yaml").read_text()
     assert "\n  epochs: 1\n" in text
     (run / "config.yaml").write_text(text.replace("\n  epochs: 1\n", "\n  epochs: -1\n"))
+    interrupted_run_files(run)  # (a finished run is refused by --resume before its config is read)
 
 
 def experiment(text: str):
@@ -419,6 +420,8 @@ CATALOGUE = [
     case("bench-unknown-precision", nothing, ["bench", "--precision", "fp16"], "'fp16'", "bf16"),
     case("bench-save-not-json", nothing, ["bench", "--variants", "none", "--save", "{tmp}/bench.md"], "--save",
          ".json"),
+    case("bench-table-path-is-a-folder", lambda ctx: (ctx.tmp / "b.md").mkdir(),
+         ["bench", "--variants", "none", "--save", "{tmp}/b.json"], "{tmp}/b.md is a directory"),
     case("bench-save-into-a-file", files(**{"f": "x"}), ["bench", "--variants", "none", "--save", "{tmp}/f/b.json"],
          "{tmp}/f", "is a file"),
     # --- configs and overrides
@@ -434,6 +437,8 @@ CATALOGUE = [
     case("volume-with-2d-augmentation", nothing, ["validate", "volume-3d-quick", "data.name=synthetic",
                                                   "data.options.img_size=[16,16,16]", "data.crop_pad=2"],
          "data.crop_pad", "3D volumes"),
+    case("validate-empty-name", nothing, ["validate", ""], "give a preset or YAML file"),
+    case("bench-negative-threads", nothing, ["bench", "--threads", "-1"], "--threads -1", ">= 1"),
     case("huge-warmup", nothing, train("train.warmup_epochs=1e308"), "train.warmup_epochs", "less than or equal"),
     case("huge-mlp-ratio", nothing, ["validate", PRESET, "model.mlp_ratio=1e308"], "mlp_ratio", "hidden units"),
     case("val-fraction-above-one", nothing, train("data.val_fraction=1.5"), "data.val_fraction", "1.5"),
@@ -566,6 +571,8 @@ CATALOGUE = [
          ["train", "--resume", "{tmp}/run", "--quiet"], "{tmp}/run/checkpoints/last.pt", "not a vitlab checkpoint"),
     case("eval-foreign-checkpoint", foreign_checkpoint("best.pt", lambda s: {"foo": 1}), ["eval", "{tmp}/run"],
          "{tmp}/run/checkpoints/best.pt", "'model'"),
+    case("eval-other-class-count", lambda ctx: ctx.run() and None, ["eval", "{tmp}/run", "data.options.num_classes=7"],
+         "weights do not fit the model built for this data (7 classes", "size mismatch for head"),
     case("eval-size-not-a-size", lambda ctx: ctx.run() and None, ["eval", "{tmp}/run", "model.img_size=16.5"],
          "model.img_size", "16.5"),
     case("eval-size-null", lambda ctx: ctx.run() and None, ["eval", "{tmp}/run", "model.img_size=null"],

@@ -67,6 +67,8 @@ def cmd_bench(args) -> int:
 
     from .bench import format_input_table, format_table, run_bench, run_input_bench
 
+    if args.threads < 0:
+        raise ValueError(f"--threads {args.threads}; must be >= 1 (or 0: torch's default)")
     if args.threads:
         torch.set_num_threads(args.threads)
     log = (lambda m: print(f"[bench] {m}", file=sys.stderr, flush=True)) if not args.quiet else None
@@ -76,8 +78,10 @@ def cmd_bench(args) -> int:
         save = Path(args.save)
         if save.suffix != ".json":
             raise ValueError(f"--save {save}: expected a .json file name (the table goes beside it as .md)")
-        if save.is_dir():
-            raise rundir.OutputError(f"--save {save}: is a directory; give a file name such as {save / 'bench.json'}")
+        for path in (save, save.with_suffix(".md")):  # the table beside it too: not found out after the timing
+            if path.is_dir():
+                raise rundir.OutputError(f"--save {save}: {path} is a directory; give a file name such as "
+                                         f"{save.parent / 'bench.json'}")
         rundir.check_output_dir(save.parent)
     if args.input or args.overrides:
         if not args.input:
@@ -272,6 +276,8 @@ def cmd_eval(args) -> int:
 def cmd_validate(args) -> int:
     from .config import dump_yaml, load_config
 
+    if not args.config:  # "" would validate the built-in defaults, and name their problem
+        raise ValueError("give a preset or YAML file to validate (see `vitlab validate --help`)")
     cfg = load_config(args.config, args.overrides)
     print(dump_yaml(cfg), end="")
     print(f"# {args.config}: valid", file=sys.stderr)

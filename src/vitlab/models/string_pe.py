@@ -105,8 +105,10 @@ class StringReflection(_StringBase):
                  axis_pairs: Optional[Tuple[int, ...]] = None, reflections: int = 2):
         super().__init__(head_dim=head_dim, num_heads=num_heads, ndim=ndim, layer=layer, depth=depth,
                          theta=theta, axis_pairs=axis_pairs)
-        if not 1 <= int(reflections) <= head_dim:  # any orthogonal d x d matrix is a product of <= d reflections
-            raise ValueError(f"string_reflection needs 1 <= reflections <= head_dim = {head_dim}, got {reflections}")
+        if isinstance(reflections, bool) or reflections != int(reflections) or not 1 <= reflections <= head_dim:
+            # (any orthogonal d x d matrix is a product of <= d reflections; 2.5 trained with 2 before)
+            raise ValueError(f"string_reflection needs a whole number 1 <= reflections <= head_dim = {head_dim}, "
+                             f"got {reflections!r}")
         self.v = nn.Parameter(torch.randn(num_heads, int(reflections), head_dim) / head_dim ** 0.5)
 
     def orthogonal(self):

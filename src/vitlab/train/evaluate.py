@@ -54,7 +54,13 @@ def eval_run(run_dir: str, overrides: Optional[List[str]] = None, *, checkpoint:
     trained = read_yaml(str(run / "config.yaml")).get("model", {})
     model, mcfg = build_model(cfg, in_chans=test.item_shape[0], num_classes=num_classes,
                               img_size=tuple(trained["img_size"]) if "img_size" in trained else data_size)
-    model.load_state_dict(state["ema"] if state.get("ema") is not None else state["model"])
+    try:
+        model.load_state_dict(state["ema"] if state.get("ema") is not None else state["model"])
+    except RuntimeError as err:  # torch's message spans many lines; the first mismatch says enough
+        detail = next((x.strip() for x in str(err).splitlines() if "size mismatch" in x or "Missing key" in x),
+                      str(err).splitlines()[0])
+        raise ValueError(f"{run}: its weights do not fit the model built for this data ({num_classes} classes, "
+                         f"{test.item_shape[0]} channels): {detail}") from None
     model.to(dev).eval()
     size = mcfg.get("img_size") or data_size
     if new_size is not None or asked:
