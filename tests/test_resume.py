@@ -135,23 +135,30 @@ def test_torn_metrics_line_is_dropped(tmp_path):
     assert [m["epoch"] for m in read_metrics(path, epochs=1)] == [1]
 
 
+def with_patched_loss(tmp_path, capsys, monkeypatch, change, *extra):
+    """Train 3 epochs with the training loss of the n-th call replaced by ``change(n, loss)``; returns
+    (exit code, stderr, run directory)."""
+    import vitlab.train.loop as loop
+
+    calls, real = [], loop.train_loss
+
+    def patched(*args):
+        calls.append(1)
+        return change(len(calls), real(*args))
+
+    monkeypatch.setattr(loop, "train_loss", patched)
+    run = tmp_path / "run"
+    code = main(["train", "fashion-mnist-quick", *SMALL, "train.epochs=3", "data.options.n_train=256", *extra,
+                 "--out", str(run), "--quiet"])
+    return code, capsys.readouterr().err, run
+
+
 def test_divergence_after_good_epochs_keeps_the_last_good_checkpoint(tmp_path, capsys, monkeypatch):
     """The loss turns NaN in epoch 2 (patched loss function): the run stops as diverged, the last good
     checkpoint (end of epoch 1) is kept, final.json evaluates the best epoch and says diverged."""
-    import vitlab.train.loop as loop
-    calls = {"n": 0}
-    real = loop.train_loss
-
-    def flaky(*args):
-        calls["n"] += 1
-        loss = real(*args)
-        return loss * float("nan") if calls["n"] > 10 else loss  # 7 steps an epoch (230 images): NaN in epoch 2
-
-    monkeypatch.setattr(loop, "train_loss", flaky)
-    run = tmp_path / "run"
-    code = main(["train", "fashion-mnist-quick", *SMALL, "train.epochs=3", "data.options.n_train=256",
-                 "train.checkpoint_every_min=0", "--out", str(run), "--quiet"])
-    err = capsys.readouterr().err
+    code, err, run = with_patched_loss(  # 7 steps an epoch (230 images): NaN in epoch 2
+        tmp_path, capsys, monkeypatch, lambda n, loss: loss * float("nan") if n > 10 else loss,
+        "train.checkpoint_every_min=0")
     assert code == 2 and "diverged: loss not finite at epoch 2 step" in err and err.count("\n") == 1, err
     status = json.loads((run / "status.json").read_text())
     final = json.loads((run / "final.json").read_text())
@@ -166,8 +173,6 @@ def test_a_non_finite_gradient_with_a_finite_loss_stops_before_the_step(tmp_path
     """Step 4 of epoch 2 has a finite loss but a NaN gradient. The optimizer step would write NaN into
     every weight and the next step's loss would say so, one step late and blaming the wrong one: the
     gradient's norm is checked before the step, and the weights of the last good epoch are kept."""
-    import vitlab.train.loop as loop
-
     class NanGradient(torch.autograd.Function):
         @staticmethod
         def forward(ctx, x):
@@ -177,19 +182,9 @@ def test_a_non_finite_gradient_with_a_finite_loss_stops_before_the_step(tmp_path
         def backward(ctx, grad):
             return grad * float("nan")
 
-    calls = {"n": 0}
-    real = loop.train_loss
-
-    def nan_gradient_at_step_11(*args):
-        calls["n"] += 1
-        loss = real(*args)
-        return NanGradient.apply(loss) if calls["n"] == 11 else loss  # 7 steps an epoch: epoch 2 step 4
-
-    monkeypatch.setattr(loop, "train_loss", nan_gradient_at_step_11)
-    run = tmp_path / "run"
-    code = main(["train", "fashion-mnist-quick", *SMALL, "train.epochs=3", "data.options.n_train=256",
-                 "train.clip_grad=null", "--out", str(run), "--quiet"])
-    err = capsys.readouterr().err
+    code, err, run = with_patched_loss(  # 7 steps an epoch: call 11 is epoch 2 step 4
+        tmp_path, capsys, monkeypatch, lambda n, loss: NanGradient.apply(loss) if n == 11 else loss,
+        "train.clip_grad=null")
     assert code == 2 and "diverged: gradient not finite at epoch 2 step 4" in err and err.count("\n") == 1, err
     final = json.loads((run / "final.json").read_text())
     assert final["status"] == "diverged" and final["best_epoch"] == 1 and 0 <= final["acc1"] <= 1
