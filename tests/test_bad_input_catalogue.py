@@ -439,6 +439,8 @@ CATALOGUE = [
          "data.crop_pad", "3D volumes"),
     case("validate-empty-name", nothing, ["validate", ""], "give a preset or YAML file"),
     case("bench-negative-threads", nothing, ["bench", "--threads", "-1"], "--threads -1", ">= 1"),
+    case("switch-not-a-bool", nothing, ["validate", "fashion-mnist-quick", "data.name=imagefolder",
+                                        "data.options.stream=maybe"], "option stream='maybe'", "true or false"),
     case("huge-warmup", nothing, train("train.warmup_epochs=1e308"), "train.warmup_epochs", "less than or equal"),
     case("huge-mlp-ratio", nothing, ["validate", PRESET, "model.mlp_ratio=1e308"], "mlp_ratio", "hidden units"),
     case("val-fraction-above-one", nothing, train("data.val_fraction=1.5"), "data.val_fraction", "1.5"),

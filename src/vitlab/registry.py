@@ -57,6 +57,10 @@ class Registry(Generic[T]):
         if unknown:
             raise ValueError(f"{self.kind} {name!r} does not take option(s) {unknown}; "
                              f"valid: {accepted or 'none'}")
+        defaults = self.options(name)
+        for key, value in (options or {}).items():  # a switch is a switch: "maybe" or 5 is not "on"
+            if isinstance(defaults[key], bool) and not isinstance(value, bool):
+                raise ValueError(f"{self.kind} {name!r} option {key}={value!r}; expected true or false")
 
     def check_values(self, name: str, options: Optional[dict]) -> None:
         """The option names, then their values through the entry's ``check`` if it has one: what can be
