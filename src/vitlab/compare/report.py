@@ -103,6 +103,12 @@ def _read_json(path: Path, fix: str) -> dict:
     return value
 
 
+def trained_differently(got: Dict[str, object], expected: Dict[str, object]) -> List[str]:
+    """The keys, sorted, in which a run's flattened config.yaml (``got``) differs from the one its
+    experiment gives it (``expected``), a launcher's own keys (``LAUNCH_KEYS``) aside."""
+    return sorted(k for k in set(got) | set(expected) if k not in LAUNCH_KEYS and got.get(k) != expected.get(k))
+
+
 def _read_config(path: Path, why: str) -> dict:
     """A run config (config.yaml, configs/NAME.yaml) as a dict; one-line ValueErrors naming the file."""
     if not path.is_file():
@@ -194,12 +200,13 @@ def check_one_recipe(out: Path, manifest: dict, finished: List[dict]) -> None:
         expected = _flat(_read_config(expected_file, f"cannot check that run {r['name']} was trained with its arm's "
                                                      f"config; {REWRITE}"))
         got = _flat(raw)
-        for key in sorted(set(got) | set(expected)):
-            if key not in LAUNCH_KEYS and got.get(key) != expected.get(key):
-                raise ValueError(f"{r['dir']}: trained with {key}={got.get(key)!r}, but the experiment gives run "
-                                 f"{r['name']} (arm {r['arm']}) {key}={expected.get(key)!r} ({expected_file}): a run "
-                                 f"directory from another arm or comparison; delete it to train it again with "
-                                 f"`vitlab compare`")
+        differ = trained_differently(got, expected)
+        if differ:
+            key = differ[0]
+            raise ValueError(f"{r['dir']}: trained with {key}={got.get(key)!r}, but the experiment gives run "
+                             f"{r['name']} (arm {r['arm']}) {key}={expected.get(key)!r} ({expected_file}): a run "
+                             f"directory from another arm or comparison; delete it to train it again with "
+                             f"`vitlab compare`")
 
 
 def group_name(r: dict) -> str:

@@ -98,7 +98,7 @@ def _check_same_experiment(out: Path, specs: List[RunSpec], manifest: dict, log:
     both its configs/NAME.yaml and, for a run that would be skipped or resumed, the config.yaml it
     trained with (a launcher's own keys, train.threads and train.device, aside). A damaged
     experiment.json is rewritten: the runs are still checked one by one."""
-    from .report import LAUNCH_KEYS, _flat, read_manifest
+    from .report import _flat, read_manifest, trained_differently
 
     if (out / "experiment.json").is_file():
         try:
@@ -116,7 +116,7 @@ def _check_same_experiment(out: Path, specs: List[RunSpec], manifest: dict, log:
         run = out / "runs" / spec.name
         if run_state(run) in ("finished", "partial", "failed") and (run / "config.yaml").is_file():
             got, want = _flat(_config_dict(run / "config.yaml")), _flat(spec.config.to_dict())
-            differ = sorted(k for k in set(got) | set(want) if k not in LAUNCH_KEYS and got.get(k) != want.get(k))
+            differ = trained_differently(got, want)
             if differ:
                 k = differ[0]
                 raise ValueError(f"{run}: trained with {k}={got.get(k)!r}, but this experiment gives run {spec.name} "
