@@ -210,7 +210,8 @@ def counting_step(self, *args, **kwargs):
     return step(self, *args, **kwargs)
 
 DistributedDataParallel.__init__, torch.optim.AdamW.step = counting_init, counting_step
-atexit.register(lambda: print(f"rank {os.environ['RANK']}: {counts['reduce']} reduce {counts['step']} step", file=sys.stderr))
+# one write() of a short line: atomic on a pipe, so the two ranks' lines never interleave (print writes twice)
+atexit.register(lambda: os.write(2, f"rank {os.environ['RANK']}: {counts['reduce']} reduce {counts['step']} step\\n".encode()))
 from vitlab.cli import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -234,13 +235,13 @@ def test_accumulated_steps_reduce_once_and_match_the_whole_batch(runs, tmp_path)
 
 
 FITTING = """
-import sys
+import os, sys
 import vitlab.train.loop as loop
 fit = loop.fit_epochs
 
 def printing_fit(*args):
     fitted = fit(*args)
-    print(f"fit_epochs{args} = {fitted}", file=sys.stderr)
+    os.write(2, f"fit_epochs{args} = {fitted}\\n".encode())  # one write: the ranks' lines cannot interleave
     return fitted
 
 loop.fit_epochs = printing_fit
